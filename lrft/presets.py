@@ -1,0 +1,123 @@
+"""The practitioners' learning-rate table, as data, and the batch-size scaling rule.
+
+The values are the starting points the fine-tuning literature and model cards converge on
+(BERT paper's 2e-5..5e-5 grid, the LoRA and QLoRA papers' 1e-4..2e-4, instruction-tuning
+recipes' ~5e-6 for full updates of large models). The Lion paper (Chen et al., 2023, "Symbolic
+Discovery of Optimization Algorithms") recommends a 3-10x smaller LR and 3-10x larger decoupled
+weight decay than AdamW, because Lion's sign update has a larger norm than Adam's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class LRPreset:
+    """A recommended learning rate with its range and the reason for it."""
+
+    scenario: str
+    optimizer: str
+    learning_rate: float
+    low: float
+    high: float
+    weight_decay: float
+    reason: str
+
+
+# AdamW values; other optimizers are derived from these below.
+_ADAMW = {
+    "full": LRPreset(
+        "full", "adamw", 5e-6, 1e-6, 1e-5, 0.01,
+        "full fine-tuning of every weight of a large pretrained model: the smallest LR keeps "
+        "the update small relative to the weights and avoids catastrophic forgetting"),
+    "standard": LRPreset(
+        "standard", "adamw", 5e-5, 2e-5, 1e-4, 0.01,
+        "the BERT-style default for task fine-tuning with a new head (BERT paper grid 2e-5..5e-5)"),
+    "conservative": LRPreset(
+        "conservative", "adamw", 4e-5, 1e-5, 5e-5, 0.01,
+        "small data sets (a few thousand rows) or noisy labels: the lower end overfits less "
+        "and varies less between seeds"),
+    "lora": LRPreset(
+        "lora", "adamw", 1e-4, 5e-5, 3e-4, 0.0,
+        "LoRA trains few, freshly initialised low-rank weights from zero (B=0): they tolerate and "
+        "need a larger LR (LoRA/QLoRA papers use 1e-4..2e-4)"),
+    "scratch": LRPreset(
+        "scratch", "adamw", 1e-3, 3e-4, 3e-3, 0.1,
+        "training from random initialisation (small models): nothing to forget, larger steps"),
+}
+SCENARIOS = tuple(_ADAMW)
+
+# Lion: 3-10x smaller LR, 3-10x larger weight decay (Lion paper, section 5). We take the
+# middle of the range for the recommendation and keep the whole range in low/high.
+LION_LR_DIVISOR = (3.0, 10.0)
+LION_WD_MULTIPLIER = (3.0, 10.0)
+_SAME_AS_ADAMW = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adam")
+_LION = ("lion", "lion_8bit")
+
+
+def lr_preset(scenario: str, optimizer: str = "adamw") -> LRPreset:
+    """The recommended LR (and range, weight decay, reason) for a scenario and optimizer.
+
+    Args:
+        scenario: one of full, standard, conservative, lora, scratch.
+        optimizer: adamw, adamw_8bit, paged_adamw_8bit and adam share AdamW's values; lion and
+            lion_8bit get Lion's rule.
+
+    Returns:
+        An :class:`LRPreset`.
+
+    Raises:
+        ValueError: unknown scenario or an optimizer with no published rule here.
+    """
+    if scenario not in _ADAMW:
+        raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
+    base = _ADAMW[scenario]
+    if optimizer in _SAME_AS_ADAMW:
+        return replace(base, optimizer=optimizer)
+    if optimizer in _LION:
+        mid = math.sqrt(LION_LR_DIVISOR[0] * LION_LR_DIVISOR[1])  # geometric middle, ~5.5x
+        wd = max(base.weight_decay, 0.01) * mid
+        return replace(
+            base, optimizer=optimizer,
+            learning_rate=float(f"{base.learning_rate / mid:.2g}"),
+            low=base.low / LION_LR_DIVISOR[1], high=base.high / LION_LR_DIVISOR[0],
+            weight_decay=float(f"{wd:.2g}"),
+            reason=base.reason + "; Lion: 3-10x smaller LR and 3-10x larger weight decay than "
+                                 "AdamW (sign updates have a larger norm)")
+    raise ValueError(f"no LR rule for optimizer {optimizer!r}; rules exist for "
+                     f"{', '.join(_SAME_AS_ADAMW + _LION)}")
+
+
+def scaled_lr(lr: float, batch_size: int, reference_batch_size: int, rule: str) -> float:
+    """Scale a learning rate tuned at `reference_batch_size` to `batch_size`.
+
+    linear: lr x B / B_ref (Goyal et al. 2017, for SGD); sqrt: lr x sqrt(B / B_ref) (the
+    usual rule for adaptive optimizers, Malladi et al. 2022 "On the SDEs and scaling rules for
+    adaptive gradient algorithms"); none: unchanged.
+    """
+    ratio = batch_size / reference_batch_size
+    if rule == "none":
+        return lr
+    if rule == "linear":
+        return lr * ratio
+    if rule == "sqrt":
+        return lr * math.sqrt(ratio)
+    raise ValueError(f"unknown LR scaling rule {rule!r}; choose from none, linear, sqrt")
+
+
+def format_lr_table(optimizers: tuple[str, ...] = ("adamw", "lion")) -> str:
+    """The LR table with reasons, for `lrft lr-guide`."""
+    rows = [f"{'scenario':<13}{'optimizer':<11}{'lr':>9}{'range':>22}{'wd':>7}"]
+    for scenario in SCENARIOS:
+        for opt in optimizers:
+            p = lr_preset(scenario, opt)
+            rng = f"{p.low:.0e} .. {p.high:.0e}"
+            rows.append(f"{scenario:<13}{opt:<11}{p.learning_rate:>9.0e}{rng:>22}"
+                        f"{p.weight_decay:>7.2g}")
+    rows.append("")
+    rows += [f"{s}: {_ADAMW[s].reason}." for s in SCENARIOS]
+    rows.append("lion: 3-10x smaller LR and 3-10x larger weight decay than AdamW "
+                "(Chen et al. 2023).")
+    return "\n".join(rows)

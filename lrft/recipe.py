@@ -1,0 +1,682 @@
+"""Recipes: plain YAML mirrored by typed dataclasses.
+
+A recipe is loaded in four steps, each of which may add problems to one list:
+
+    read YAML (safe loader) -> inherit `base:` -> apply `key=value` overrides -> validate
+
+Every problem is collected and raised together as one :class:`RecipeError`, each naming the
+key path, the bad value and the fix, so a user fixes a recipe in one go instead of one
+traceback at a time. Key names follow Hugging Face ``TrainingArguments`` wherever one exists.
+
+This module imports neither torch nor transformers: ``lrft check`` and the CLI's start stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# The names the recipe accepts for optimizers and schedules. lrft.optim and lrft.schedule own the
+# implementations; tests/test_recipe.py asserts these tuples equal their registries.
+OPTIMIZERS = (
+    "adamw", "adamw_8bit", "paged_adamw_8bit", "lion", "lion_8bit",
+    "adam", "sgd", "rmsprop", "adagrad", "adafactor",
+)
+SCHEDULERS = (
+    "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+    "inverse_sqrt", "warmup_stable_decay", "step", "exponential", "reduce_lr_on_plateau",
+)
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "lion_8bit")
+# Optimizers that read adam_beta1/adam_beta2 (Lion calls its two coefficients betas too).
+BETA_OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adam", "lion", "lion_8bit")
+EPS_OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adam", "rmsprop", "adagrad")
+
+
+class RecipeError(ValueError):
+    """One or more problems in a recipe; ``problems`` lists them, ``str()`` shows them all."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"{len(self.problems)} problem(s){where}:"] + [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
+# The schema. Defaults are the "standard" regime for a BERT-style classifier.
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""  # hub id, local folder, or pkg:<python package>[/sub/path]
+    task: Literal["sequence_classification", "causal_lm"] = "sequence_classification"
+    num_labels: int | None = None  # derived from the data when unset
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2
+    gguf_file: str | None = None  # a GGUF file inside name_or_path (weights are dequantised)
+    tokenizer: str | None = None  # defaults to name_or_path
+    trust_remote_code: bool = False  # runs code from the model repo: only when you trust it
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    glue_task: str | None = None  # cola sst2 mrpc stsb qqp mnli qnli rte wnli
+    path: str | None = None  # hub dataset id or local folder; GLUE default nyu-mll/glue
+    name: str | None = None  # dataset config name for non-GLUE sets
+    train_files: list[str] | None = None  # local csv/json/jsonl/parquet/txt files
+    eval_files: list[str] | None = None
+    train_split: str = "train"
+    eval_split: str | None = None  # GLUE: validation (mnli: matched + mismatched)
+    eval_fraction: float | None = None  # hold out this share of train when there is no eval split
+    where: dict[str, Any] | None = None  # keep rows whose column equals the value
+    text_columns: list[str] | None = None  # classification: 1 or 2 text columns
+    label_column: str = "label"
+    format: Literal["text", "prompt_response", "messages"] = "text"  # causal LM data
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
+    max_length: int = 128
+    packing: bool = False
+    group_by_length: bool = True
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    layer_decay: float | None = None  # LLRD: lr x layer_decay ** (L + 1 - depth)
+    head_lr_scale: float | None = None  # task head at this multiple of the base LR
+    embedding_lr_scale: float | None = None
+    scale_lr: Literal["none", "linear", "sqrt"] = "none"
+    reference_batch_size: int | None = None  # the effective batch the LR was tuned for
+    args: dict[str, Any] = field(default_factory=dict)  # other constructor arguments, checked
+
+
+@dataclass
+class ScheduleConfig:
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float | None = None
+    warmup_steps: int | None = None
+    warmup_start_factor: float = 0.0
+    warmup_type: Literal["linear", "constant"] = "linear"
+    min_lr_ratio: float = 0.0
+    num_cycles: int = 1  # cosine_with_restarts
+    power: float = 1.0  # polynomial
+    decay_ratio: float = 0.1  # warmup_stable_decay: share of steps in the final decay
+    step_size: int | None = None  # step
+    gamma: float = 0.1  # step, exponential, reduce_lr_on_plateau
+    patience: int = 2  # reduce_lr_on_plateau, in evaluations
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    overwrite_output_dir: bool = False
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # optimizer steps; -1 = use num_train_epochs
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: the launcher's setting
+    eval_steps: int | None = None  # None: evaluate at the end only
+    save_steps: int | None = None  # None: no intermediate checkpoints
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    resume_from_checkpoint: str | None = None  # latest | PATH
+    num_threads: int | None = None  # torch CPU threads; None leaves torch's default
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "auto"  # auto: peft's defaults for the architecture
+    bias: Literal["none", "all", "lora_only"] = "none"
+    load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base model through bitsandbytes (CUDA only)
+
+
+@dataclass
+class LogConfig:
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "lrft"
+    run_name: str | None = None
+
+
+@dataclass
+class GuardConfig:
+    enabled: bool = False
+    action: Literal["skip", "rollback"] = "rollback"
+    loss_spike_factor: float = 3.0  # loss > factor x running mean of the window
+    grad_spike_factor: float = 10.0  # grad norm > factor x running mean of the window
+    window: int = 20
+    snapshot_steps: int = 50  # keep a CPU copy of the last good state this often
+    lr_backoff: float = 0.5  # multiply every group's LR by this on each rollback
+    max_rollbacks: int = 3
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    # Dotted keys the recipe (with its bases and overrides) set explicitly: the rest are defaults.
+    explicit: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
+    source: str | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (what `lrft check` prints and runs save)."""
+        return {s.name: dataclasses.asdict(getattr(self, s.name)) for s in _sections(Recipe)}
+
+
+SECTIONS = ("model", "data", "optim", "schedule", "train", "lora", "log", "guard")
+
+
+def _sections(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.name in SECTIONS]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading YAML and inheriting bases
+# --------------------------------------------------------------------------------------------
+
+def _read_yaml(path: Path, problems: list[str]) -> dict | None:
+    """Read one YAML mapping with the safe loader; report, don't raise."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        problems.append(f"{path}: no such recipe file")
+        return None
+    except (IsADirectoryError, PermissionError) as e:
+        problems.append(f"{path}: cannot read ({e.__class__.__name__})")
+        return None
+    except UnicodeDecodeError as e:
+        problems.append(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8")
+        return None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        detail = str(e).replace("\n", " ")
+        problems.append(f"{path}: not valid YAML ({detail})")
+        return None
+    if data is None:
+        problems.append(f"{path}: the recipe is empty; start from recipes/bert/standard.yaml")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path}: a recipe is a mapping of sections (model:, data:, ...), "
+                        f"got a {type(data).__name__}")
+        return None
+    return data
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Deep-merge two recipe mappings; `top` wins, sections merge key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key in SECTIONS:
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve(path: Path, problems: list[str], seen: tuple[Path, ...] = ()) -> dict | None:
+    """Read `path` and everything it inherits through `base:` (relative to the file)."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        problems.append(f"base: inheritance cycle: {chain}")
+        return None
+    data = _read_yaml(path, problems)
+    if data is None:
+        return None
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        problems.append(f"base: expected a path to another recipe, got {base!r}")
+        return data
+    parent = _resolve(path.parent / base, problems, (*seen, path))
+    return data if parent is None else _merge(parent, data)
+
+
+# --------------------------------------------------------------------------------------------
+# Typed conversion
+# --------------------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Bad(Exception):
+    pass
+
+
+def _convert(value: Any, tp) -> Any:
+    """Convert a YAML value to the annotated type, or raise _Bad.
+
+    Floats accept ints and strings like "5e-5" (PyYAML reads 5e-5 without a dot as a string,
+    the field's most common recipe surprise); nothing else is coerced.
+    """
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg)
+            except _Bad:
+                continue
+        raise _Bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Bad
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str) and item is str:
+            return [value]  # one name where a list is expected: text_columns: sentence
+        if not isinstance(value, list):
+            raise _Bad
+        return [_convert(v, item) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise _Bad
+        return dict(value)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _Bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise _Bad from None
+        raise _Bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Bad
+    if tp is Any:
+        return value
+    raise _Bad
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(choices)
+
+
+def _build_section(cls, raw: Any, section: str, problems: list[str]):
+    """Build one section dataclass from its mapping, reporting every bad key."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        problems.append(f"{section}: expected a mapping of keys, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            problems.append(f"{section}.{key}: unknown key; {_suggest(str(key), names)}")
+            continue
+        try:
+            kwargs[key] = _convert(value, hints[key])
+        except _Bad:
+            problems.append(f"{section}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+    return cls(**kwargs)
+
+
+def from_dict(data: dict, problems: list[str] | None = None, source: str | None = None) -> Recipe:
+    """Build a Recipe from a plain mapping (already merged); validate; raise on problems."""
+    problems = [] if problems is None else problems
+    sections = {}
+    explicit = set()
+    for key, value in data.items():
+        if key not in SECTIONS:
+            problems.append(f"{key}: unknown section; {_suggest(str(key), SECTIONS)}")
+    for f in _sections(Recipe):
+        raw = data.get(f.name)
+        sections[f.name] = _build_section(_section_type(f.name), raw, f.name, problems)
+        if isinstance(raw, dict):
+            explicit.update(f"{f.name}.{k}" for k in raw)
+    recipe = Recipe(**sections, explicit=frozenset(explicit), source=source)
+    problems.extend(validate(recipe))
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def _section_type(name: str):
+    return typing.get_type_hints(Recipe)[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------------------------
+
+def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> dict:
+    """Apply dotted `section.key=value` overrides; values are read as YAML scalars/lists."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            problems.append(f"override {item!r}: expected section.key=value, "
+                            f"e.g. optim.learning_rate=3e-5")
+            continue
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            problems.append(f"override {item!r}: the key must be section.key, "
+                            f"e.g. optim.learning_rate")
+            continue
+        section, name = parts
+        if section not in SECTIONS:
+            problems.append(f"override {key}: unknown section '{section}'; "
+                            f"{_suggest(section, SECTIONS)}")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text  # a plain string such as a path with a colon
+        current = data.get(section)
+        data[section] = dict(current) if isinstance(current, dict) else {}
+        data[section][name] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe: YAML -> `base:` inheritance -> overrides -> validation.
+
+    Args:
+        path: the recipe file.
+        overrides: dotted `section.key=value` strings, applied after inheritance.
+
+    Returns:
+        The validated :class:`Recipe`.
+
+    Raises:
+        RecipeError: listing every problem found, each with key, value and fix.
+    """
+    problems: list[str] = []
+    data = _resolve(Path(path), problems)
+    if data is None:
+        raise RecipeError(problems, str(path))
+    data = apply_overrides(data, list(overrides or []), problems)
+    return from_dict(data, problems, source=str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML text."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: ranges and cross-field rules, in one place
+# --------------------------------------------------------------------------------------------
+
+def _finite(x: float | None) -> bool:
+    return x is None or math.isfinite(x)
+
+
+def validate(r: Recipe) -> list[str]:
+    """Every range and cross-field problem of a typed recipe, as messages (empty when valid)."""
+    p: list[str] = []
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(r, section)):
+            value = getattr(getattr(r, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                p.append(f"{section}.{f.name}: {value} is not a finite number")
+    p += _validate_model(r) + _validate_data(r) + _validate_optim(r)
+    p += _validate_schedule(r) + _validate_train(r) + _validate_lora(r) + _validate_guard(r)
+    return p
+
+
+def _validate_model(r: Recipe) -> list[str]:
+    p = []
+    if not r.model.name_or_path:
+        p.append("model.name_or_path: missing; set a hub id (bert-base-uncased) or a local folder")
+    if r.model.num_labels is not None and r.model.num_labels < 1:
+        p.append(f"model.num_labels: {r.model.num_labels} must be >= 1 (1 = regression)")
+    return p
+
+
+def _validate_data(r: Recipe) -> list[str]:
+    p, d = [], r.data
+    causal = r.model.task == "causal_lm"
+    if causal and d.glue_task:
+        p.append(f"data.glue_task: {d.glue_task!r} is a classification task but model.task is "
+                 f"causal_lm; remove data.glue_task or set model.task: sequence_classification")
+    if not causal and not (d.glue_task or d.path or d.train_files):
+        p.append("data: no data; set data.glue_task (e.g. sst2), data.path or data.train_files")
+    if not causal and not d.glue_task and (d.path or d.train_files) and not d.text_columns:
+        p.append("data.text_columns: missing; name the 1 or 2 text columns, e.g. [sentence]")
+    if d.text_columns is not None and not 1 <= len(d.text_columns) <= 2:
+        p.append(f"data.text_columns: {d.text_columns} must name 1 or 2 columns")
+    if d.max_length < 8:
+        p.append(f"data.max_length: {d.max_length} is too short; use at least 8 (typical: 128-512)")
+    if d.eval_fraction is not None and not 0 < d.eval_fraction < 1:
+        p.append(f"data.eval_fraction: {d.eval_fraction} must be in (0, 1), e.g. 0.1")
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(d, key)
+        if value is not None and value < 1:
+            p.append(f"data.{key}: {value} must be >= 1 or null (all rows)")
+    if d.packing and not causal:
+        p.append("data.packing: packing applies to causal LM data; remove it or set "
+                 "model.task: causal_lm")
+    return p
+
+
+def _validate_optim(r: Recipe) -> list[str]:
+    p, o = [], r.optim
+    if o.name not in OPTIMIZERS:
+        p.append(f"optim.name: unknown optimizer {o.name!r}; "
+                 f"{_suggest(o.name, OPTIMIZERS).replace('valid keys', 'choose from')}")
+    if not o.learning_rate > 0:
+        p.append(f"optim.learning_rate: {o.learning_rate} must be > 0 "
+                 f"(typical: 5e-6 full, 5e-5 standard, 1e-4 LoRA; see `lrft lr-guide`)")
+    elif o.learning_rate > 1:
+        p.append(f"optim.learning_rate: {o.learning_rate} is far above any fine-tuning LR; "
+                 f"did you mean {o.learning_rate:g}e-5?")
+    if o.weight_decay < 0:
+        p.append(f"optim.weight_decay: {o.weight_decay} must be >= 0 (typical: 0.01)")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(o, key) < 1:
+            p.append(f"optim.{key}: {getattr(o, key)} must be in [0, 1)")
+    if not o.adam_epsilon > 0:
+        p.append(f"optim.adam_epsilon: {o.adam_epsilon} must be > 0 (typical: 1e-8)")
+    if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
+        p.append(f"optim.layer_decay: {o.layer_decay} must be in (0, 1] (typical: 0.75-0.95)")
+    for key in ("head_lr_scale", "embedding_lr_scale"):
+        value = getattr(o, key)
+        if value is not None and not value > 0:
+            p.append(f"optim.{key}: {value} must be > 0 (e.g. 2.0 for a head at twice the LR)")
+    if o.scale_lr != "none" and o.reference_batch_size is None:
+        p.append(f"optim.reference_batch_size: needed with optim.scale_lr: {o.scale_lr}; set the "
+                 f"effective batch the learning rate was tuned for, e.g. 32")
+    if o.reference_batch_size is not None and o.reference_batch_size < 1:
+        p.append(f"optim.reference_batch_size: {o.reference_batch_size} must be >= 1")
+    explicit = r.explicit
+    if o.name in OPTIMIZERS and o.name not in BETA_OPTIMIZERS:
+        p += [f"optim.{k}: optimizer {o.name!r} has no betas; remove the key"
+              for k in ("adam_beta1", "adam_beta2") if f"optim.{k}" in explicit]
+    if o.name in OPTIMIZERS and o.name not in EPS_OPTIMIZERS and "optim.adam_epsilon" in explicit:
+        p.append(f"optim.adam_epsilon: optimizer {o.name!r} takes no epsilon; remove the key")
+    if o.name in EIGHT_BIT_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+        p.append(f"optim.name: {o.name!r} needs bitsandbytes, which is not installed; "
+                 f"pip install bitsandbytes, or use optim.name=adamw")
+    if o.args and o.name in OPTIMIZERS:
+        from lrft.optim import check_optimizer_args  # torch-free check of the constructor's keys
+
+        p += [f"optim.args: {msg}" for msg in check_optimizer_args(o.name, o.args)]
+    return p
+
+
+_SCHEDULE_KEYS = {  # schedule-specific keys and the schedules that read them
+    "num_cycles": ("cosine_with_restarts",),
+    "power": ("polynomial",),
+    "decay_ratio": ("warmup_stable_decay",),
+    "step_size": ("step",),
+    "gamma": ("step", "exponential", "reduce_lr_on_plateau"),
+    "patience": ("reduce_lr_on_plateau",),
+    "min_lr_ratio": ("cosine", "polynomial", "warmup_stable_decay", "cosine_with_restarts"),
+}
+
+
+def _validate_schedule(r: Recipe) -> list[str]:
+    p, s = [], r.schedule
+    if s.lr_scheduler_type not in SCHEDULERS:
+        p.append(f"schedule.lr_scheduler_type: unknown schedule {s.lr_scheduler_type!r}; "
+                 f"{_suggest(s.lr_scheduler_type, SCHEDULERS).replace('valid keys', 'choose from')}")
+    if s.warmup_ratio is not None and s.warmup_steps is not None:
+        p.append(f"schedule.warmup_ratio and schedule.warmup_steps: both set ({s.warmup_ratio}, "
+                 f"{s.warmup_steps}); keep one")
+    if s.warmup_ratio is not None and not 0 <= s.warmup_ratio <= 1:
+        p.append(f"schedule.warmup_ratio: {s.warmup_ratio} must be in [0, 1] (typical: 0.06-0.1)")
+    if s.warmup_steps is not None and s.warmup_steps < 0:
+        p.append(f"schedule.warmup_steps: {s.warmup_steps} must be >= 0")
+    if (s.warmup_steps is not None and r.train.max_steps > 0
+            and s.warmup_steps > r.train.max_steps):
+        p.append(f"schedule.warmup_steps: {s.warmup_steps} is more than train.max_steps "
+                 f"({r.train.max_steps}); lower it or use warmup_ratio")
+    if not 0 <= s.warmup_start_factor <= 1:
+        p.append(f"schedule.warmup_start_factor: {s.warmup_start_factor} must be in [0, 1]")
+    if not 0 <= s.min_lr_ratio <= 1:
+        p.append(f"schedule.min_lr_ratio: {s.min_lr_ratio} must be in [0, 1] (e.g. 0.1)")
+    if s.num_cycles < 1:
+        p.append(f"schedule.num_cycles: {s.num_cycles} must be >= 1")
+    if not s.power > 0:
+        p.append(f"schedule.power: {s.power} must be > 0")
+    if not 0 <= s.decay_ratio <= 1:
+        p.append(f"schedule.decay_ratio: {s.decay_ratio} must be in [0, 1]")
+    if not 0 < s.gamma <= 1:
+        p.append(f"schedule.gamma: {s.gamma} must be in (0, 1]")
+    if s.patience < 0:
+        p.append(f"schedule.patience: {s.patience} must be >= 0")
+    if s.lr_scheduler_type == "step" and s.step_size is None:
+        p.append("schedule.step_size: needed by lr_scheduler_type: step (optimizer steps "
+                 "between decays)")
+    if s.step_size is not None and s.step_size < 1:
+        p.append(f"schedule.step_size: {s.step_size} must be >= 1")
+    if s.lr_scheduler_type == "reduce_lr_on_plateau" and r.train.eval_steps is None:
+        p.append("train.eval_steps: reduce_lr_on_plateau steps on evaluations; set eval_steps")
+    for key, users in _SCHEDULE_KEYS.items():
+        if f"schedule.{key}" in r.explicit and s.lr_scheduler_type not in users:
+            p.append(f"schedule.{key}: not read by lr_scheduler_type {s.lr_scheduler_type!r} "
+                     f"(only by {', '.join(users)}); remove it")
+    return p
+
+
+def _validate_train(r: Recipe) -> list[str]:
+    p, t = [], r.train
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps"):
+        if getattr(t, key) < 1:
+            p.append(f"train.{key}: {getattr(t, key)} must be >= 1")
+    if t.max_steps == 0 or t.max_steps < -1:
+        p.append(f"train.max_steps: {t.max_steps} must be > 0, or -1 to use num_train_epochs")
+    if t.max_steps == -1 and not t.num_train_epochs > 0:
+        p.append(f"train.num_train_epochs: {t.num_train_epochs} must be > 0 "
+                 f"(or set train.max_steps)")
+    if t.max_grad_norm is not None and not t.max_grad_norm > 0:
+        p.append(f"train.max_grad_norm: {t.max_grad_norm} must be > 0, or null for no clipping")
+    for key in ("eval_steps", "save_steps", "save_total_limit", "num_threads"):
+        value = getattr(t, key)
+        if value is not None and value < 1:
+            p.append(f"train.{key}: {value} must be >= 1 or null")
+    if not t.output_dir:
+        p.append("train.output_dir: missing; e.g. runs/sst2-standard")
+    return p
+
+
+def _validate_lora(r: Recipe) -> list[str]:
+    p, lo = [], r.lora
+    if not lo.enabled:
+        stray = sorted(k for k in r.explicit if k.startswith("lora.") and k != "lora.enabled")
+        if stray:
+            p.append(f"lora: {', '.join(stray)} set but lora.enabled is false; set "
+                     f"lora.enabled: true or remove them")
+        return p
+    if lo.r < 1:
+        p.append(f"lora.r: {lo.r} must be >= 1 (typical: 8-64)")
+    if lo.alpha < 1:
+        p.append(f"lora.alpha: {lo.alpha} must be >= 1 (typical: 2 x r)")
+    if not 0 <= lo.dropout < 1:
+        p.append(f"lora.dropout: {lo.dropout} must be in [0, 1)")
+    if isinstance(lo.target_modules, str) and lo.target_modules != "auto":
+        p.append(f"lora.target_modules: {lo.target_modules!r}: use auto or a list such as "
+                 f"[query, value]")
+    if lo.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        p.append("lora.load_in_4bit: QLoRA needs bitsandbytes; pip install bitsandbytes")
+    return p
+
+
+def _validate_guard(r: Recipe) -> list[str]:
+    p, g = [], r.guard
+    if not g.enabled:
+        stray = sorted(k for k in r.explicit if k.startswith("guard.") and k != "guard.enabled")
+        if stray:
+            p.append(f"guard: {', '.join(stray)} set but guard.enabled is false; set "
+                     f"guard.enabled: true or remove them")
+        return p
+    for key in ("loss_spike_factor", "grad_spike_factor"):
+        if not getattr(g, key) > 1:
+            p.append(f"guard.{key}: {getattr(g, key)} must be > 1 (e.g. 3)")
+    for key in ("window", "snapshot_steps"):
+        if getattr(g, key) < 1:
+            p.append(f"guard.{key}: {getattr(g, key)} must be >= 1")
+    if not 0 < g.lr_backoff < 1:
+        p.append(f"guard.lr_backoff: {g.lr_backoff} must be in (0, 1) (e.g. 0.5)")
+    if g.max_rollbacks < 0:
+        p.append(f"guard.max_rollbacks: {g.max_rollbacks} must be >= 0")
+    return p
