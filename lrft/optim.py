@@ -1,0 +1,272 @@
+"""Optimizer registry: build any supported optimizer from plain param-group dicts.
+
+Param groups arrive from `lrft.groups.param_groups` as plain dicts
+(`{"params", "lr", "weight_decay", "name", "param_names"}`). Every optimizer here honours each
+group's own `lr` and `weight_decay`, and the extra keys (`name`, `param_names`) survive into
+`optimizer.param_groups` so schedules and logging can name the groups.
+
+Names (`OPTIMIZER_NAMES`): adamw, adamw_8bit, paged_adamw_8bit, lion, lion_8bit, adam, sgd,
+rmsprop, adagrad, adafactor. Libraries, torch included, are imported only inside the functions
+that need them, so `check_optimizer_args` (the recipe validator) stays light and bitsandbytes'
+slow import is paid only by the 8-bit optimizers.
+
+Keyword arguments are checked, never dropped: an argument the chosen optimizer does not take
+raises `ValueError` listing the ones it does. `check_optimizer_args` runs the same check without
+building anything, for the recipe validator.
+"""
+
+from __future__ import annotations
+
+import difflib
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# lr and weight_decay are taken by every optimizer, per group; the rest are per optimizer.
+_COMMON_ARGS = ("lr", "weight_decay")
+
+
+def _torch_adamw(groups: list[dict], kwargs: dict, model: nn.Module | None) -> torch.optim.Optimizer:
+    import torch
+
+    # The fused kernel exists only on accelerators; on CPU keep torch's default (foreach).
+    params = [p for g in groups for p in g["params"]]
+    fused = True if params and all(p.is_cuda for p in params) else None
+    return torch.optim.AdamW(groups, fused=fused, **kwargs)
+
+
+def _torch(cls_name: str) -> Callable[..., torch.optim.Optimizer]:
+    def build(groups: list[dict], kwargs: dict, model: nn.Module | None) -> torch.optim.Optimizer:
+        import torch
+
+        return getattr(torch.optim, cls_name)(groups, **kwargs)
+
+    return build
+
+
+def _import_bitsandbytes(name: str) -> Any:
+    """Import bitsandbytes, or say how to install it.
+
+    Raises:
+        ImportError: bitsandbytes is not installed.
+    """
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ImportError(
+            f"optimizer {name!r} needs bitsandbytes: pip install bitsandbytes"
+        ) from err
+    return bitsandbytes
+
+
+def _embeddings_in_32bit(bnb: Any, model: nn.Module) -> None:
+    """Keep every nn.Embedding weight's optimizer state in 32 bits, as the HF Trainer does.
+
+    8-bit state on embeddings hurts stability. The HF Trainer uses `register_module_override`,
+    but bnb turns that into overrides keyed by (group, position) in its process-global manager,
+    which then leak into every later bnb optimizer (a Linear at the same position gets 32-bit
+    state too). `override_config` keys the override by `id(weight)` instead; bnb never forgets
+    it, so it is dropped when the weight is freed, before a new tensor can reuse the id.
+    """
+    from torch import nn
+
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            manager.override_config(module.weight, "optim_bits", 32)
+            weakref.finalize(module.weight, manager.pid2config.pop, id(module.weight), None)
+
+
+def _bnb(cls_name: str, name: str) -> Callable[..., torch.optim.Optimizer]:
+    def build(groups: list[dict], kwargs: dict, model: nn.Module | None) -> torch.optim.Optimizer:
+        bnb = _import_bitsandbytes(name)
+        if model is not None:
+            _embeddings_in_32bit(bnb, model)
+        return getattr(bnb.optim, cls_name)(groups, **kwargs)
+
+    return build
+
+
+def _lion(groups: list[dict], kwargs: dict, model: nn.Module | None) -> torch.optim.Optimizer:
+    from lion_pytorch import Lion
+
+    # Without decoupled_weight_decay, lion-pytorch decays each group by p *= 1 - lr_g * wd_g,
+    # which respects per-group LRs. Its decoupled mode divides wd by the constructor LR, not the
+    # group's, so it is deliberately not offered.
+    return Lion(groups, **kwargs)
+
+
+def _adafactor(groups: list[dict], kwargs: dict, model: nn.Module | None) -> torch.optim.Optimizer:
+    from transformers.optimization import Adafactor
+
+    # Turn off Adafactor's own step-size rule so the group LR (and our schedule) is what applies.
+    return Adafactor(groups, relative_step=False, scale_parameter=False, warmup_init=False, **kwargs)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    build: Callable[[list[dict], dict, nn.Module | None], torch.optim.Optimizer]
+    args: tuple[str, ...]  # accepted keywords besides lr and weight_decay
+
+
+_BNB_ADAM_ARGS = ("betas", "eps", "amsgrad", "min_8bit_size")
+_REGISTRY: dict[str, _Spec] = {
+    "adamw": _Spec(_torch_adamw, ("betas", "eps", "amsgrad")),
+    "adamw_8bit": _Spec(_bnb("AdamW8bit", "adamw_8bit"), _BNB_ADAM_ARGS),
+    "paged_adamw_8bit": _Spec(_bnb("PagedAdamW8bit", "paged_adamw_8bit"), _BNB_ADAM_ARGS),
+    "lion": _Spec(_lion, ("betas",)),
+    "lion_8bit": _Spec(_bnb("Lion8bit", "lion_8bit"), ("betas", "min_8bit_size")),
+    "adam": _Spec(_torch("Adam"), ("betas", "eps", "amsgrad")),
+    "sgd": _Spec(_torch("SGD"), ("momentum", "dampening", "nesterov")),
+    "rmsprop": _Spec(_torch("RMSprop"), ("alpha", "eps", "momentum", "centered")),
+    "adagrad": _Spec(_torch("Adagrad"), ("lr_decay", "eps", "initial_accumulator_value")),
+    "adafactor": _Spec(_adafactor, ("beta1", "clip_threshold", "decay_rate")),
+}
+
+OPTIMIZER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def _unknown_name(name: str) -> str:
+    close = difflib.get_close_matches(name, OPTIMIZER_NAMES, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown optimizer {name!r}{hint}; valid names: {', '.join(OPTIMIZER_NAMES)}"
+
+
+def optimizer_args(name: str) -> tuple[str, ...]:
+    """Keyword arguments an optimizer accepts (lr and weight_decay first), without building it.
+
+    Args:
+        name: One of `OPTIMIZER_NAMES`.
+
+    Returns:
+        The accepted keyword names.
+
+    Raises:
+        ValueError: `name` is not a known optimizer (with a did-you-mean).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(_unknown_name(name))
+    return _COMMON_ARGS + _REGISTRY[name].args
+
+
+def check_optimizer_args(name: str, args: dict) -> list[str]:
+    """List every problem with an optimizer name and its keyword arguments, building nothing.
+
+    Args:
+        name: Optimizer name, e.g. from a recipe's `optim.name`.
+        args: Keyword arguments, e.g. a recipe's `optim.args`.
+
+    Returns:
+        One message per problem (an unknown name, or each argument the optimizer does not
+        take, with a did-you-mean); empty when all is well.
+    """
+    if name not in _REGISTRY:
+        return [_unknown_name(name)]
+    valid = optimizer_args(name)
+    problems = []
+    for key in args:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(
+                f"optimizer {name!r} does not take {key!r}{hint}; it takes: {', '.join(valid)}"
+            )
+    return problems
+
+
+def _fill_groups(groups: list[dict], lr: float | None, weight_decay: float | None) -> list[dict]:
+    """Copy the groups, giving each the default lr / weight decay it does not carry itself.
+
+    Raises:
+        ValueError: a group has no lr and no default lr was given.
+    """
+    filled = []
+    for index, group in enumerate(groups):
+        group = dict(group)  # never mutate the caller's dicts
+        if "lr" not in group:
+            if lr is None:
+                label = group.get("name", f"#{index}")
+                raise ValueError(f"param group {label} has no 'lr' and no default lr was given")
+            group["lr"] = lr
+        # Library defaults differ (torch AdamW 0.01, Adam 0, bnb 0.01): make it explicit.
+        group.setdefault("weight_decay", 0.0 if weight_decay is None else weight_decay)
+        filled.append(group)
+    return filled
+
+
+def build_optimizer(
+    groups: list[dict],
+    name: str,
+    *,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
+    model: nn.Module | None = None,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """Build the named optimizer over plain param-group dicts.
+
+    Args:
+        groups: Param groups (`params`, and usually `lr`, `weight_decay`, `name`,
+            `param_names`); extra keys are kept in `optimizer.param_groups`. Not mutated.
+        name: One of `OPTIMIZER_NAMES`.
+        lr: Default LR for groups that carry no `lr`.
+        weight_decay: Default weight decay for groups that carry none (0.0 if None).
+            Decoupled (AdamW-style) for adamw, the 8-bit ones, lion and adafactor; added to
+            the gradient (L2) for adam, sgd, rmsprop and adagrad, as torch defines them.
+        betas: For the Adam family and Lion; None keeps the library default.
+        eps: For the Adam family, rmsprop and adagrad; None keeps the library default.
+        model: Used only by the bitsandbytes optimizers, to keep every `nn.Embedding`
+            weight's optimizer state in 32 bits as the HF Trainer does. Without it embedding
+            state is 8-bit too.
+        **kwargs: Optimizer-specific arguments, see `optimizer_args(name)`.
+
+    Returns:
+        The optimizer; `param_groups[i]` holds group i's lr, weight decay and extra keys.
+
+    Raises:
+        ValueError: unknown name, an argument the optimizer does not take, or a group with
+            no lr and no default lr.
+        ImportError: an 8-bit optimizer was asked for and bitsandbytes is not installed.
+    """
+    given = dict(kwargs)
+    if betas is not None:
+        given["betas"] = betas
+    if eps is not None:
+        given["eps"] = eps
+    problems = check_optimizer_args(name, given)
+    if problems:
+        raise ValueError("; ".join(problems))
+    groups = _fill_groups(groups, lr, weight_decay)
+    # The constructor's lr and weight_decay are only defaults, unused since every group has its
+    # own; pass real values because some constructors check them (Lion asserts lr > 0).
+    given["lr"] = lr if lr is not None else max(g["lr"] for g in groups)
+    given["weight_decay"] = weight_decay if weight_decay is not None else 0.0
+    return _REGISTRY[name].build(groups, given, model)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the tensors in an optimizer's state.
+
+    8-bit state counts at its real size, including quantization maps and absmax blocks; a
+    tensor shared by several parameters (bnb's quantization maps) is counted once.
+
+    Args:
+        optimizer: Any optimizer, after at least one step (state is created lazily).
+
+    Returns:
+        Total bytes.
+    """
+    import torch
+
+    tensors = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                tensors[id(value)] = value.numel() * value.element_size()
+    return sum(tensors.values())
