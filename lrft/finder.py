@@ -1,0 +1,373 @@
+"""LR range test (Smith 2017) that keeps the ratios between param groups.
+
+The test trains for ``num_steps`` optimizer steps while ramping ONE multiplier ``m`` from
+``start_mult`` to ``end_mult`` and setting every group's LR to *its own* base LR x ``m``. Layer-wise
+decay and head/backbone ratios therefore survive, and the curve describes the recipe as it will
+train. (Lightning's ``lr_find`` and torch-lr-finder sweep one ``min_lr``..``max_lr`` range for the
+whole optimizer, which throws those ratios away.) The curve is reported on the scale of the
+recipe's learning rate: ``lrs = base_lr x m``, so a suggestion is a value for
+``optim.learning_rate`` and the groups follow it as the recipe says.
+
+The model, the optimizer (state, ``lr`` and ``initial_lr`` of each group) and the torch RNG are
+restored afterwards, so training can start right after. Under Accelerate the loss is averaged
+across processes, so every rank sees the same curve and takes the same early-stop decision, and
+only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import functools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import send_to_device
+
+from lrft.doctor import DIVERGED_LOSS_FACTOR, smooth_loss
+
+# The default sweep multiplies each group's base LR by 1e-3..1e3: six decades around the recipe's
+# LR. A recipe at 5e-5 is swept from 5e-8 (nothing moves) to 5e-2 (any transformer diverges), so
+# the curve has both the flat start and the blow-up Smith's test needs; the same holds for LoRA
+# (1e-4 -> 1e-7..1e-1).
+START_MULT = 1e-3
+END_MULT = 1e3
+# 100 steps, the default of fastai, Lightning and torch-lr-finder: ~17 points per decade.
+NUM_STEPS = 100
+# EMA decay of the smoothed loss. fastai uses 0.98, whose ~50-step window is half of a 100-step
+# sweep and reports the blow-up late; 0.9 (~10 steps) keeps the lag under a tenth of the sweep.
+SMOOTH_BETA = 0.9
+# Early stop when the smoothed loss exceeds 4x its minimum (fastai, Lightning's
+# early_stop_threshold); the doctor uses the same factor for a diverged run.
+DIVERGE_FACTOR = DIVERGED_LOSS_FACTOR
+# The steepest-slope search skips the first 10% of points, where the EMA has seen few losses
+# (torch-lr-finder's skip_start=10 of its 100 steps).
+STEEPEST_SKIP_FRACTION = 0.1
+# fastai's "lr_min": the LR at the smoothed minimum divided by 10, a step back from the edge.
+MIN_DIVISOR = 10.0
+MODES = ("exp", "linear")
+
+
+@dataclass
+class RangeTestResult:
+    """The curve of one range test.
+
+    Attributes:
+        multipliers: the multiplier m of each step taken.
+        lrs: the reported LR of each step, ``base_lr x m``.
+        losses: the loss of each step (averaged across processes), before its update.
+        smoothed: the debiased EMA of ``losses``.
+        base_lr: the reference LR the curve is reported on (the recipe's learning rate).
+        group_base_lrs: each group's base LR (group name -> LR); its LR at a step is base x m.
+        suggestion_steepest: LR of the steepest descent of the smoothed loss vs log LR, before the
+            minimum; None when the curve is too short to tell.
+        suggestion_min_div10: LR at the smoothed minimum / 10 (below the tested range when the
+            minimum is at the very start: widen ``start_mult`` then).
+        stopped_early: whether the sweep stopped on divergence (non-finite or smoothed loss above
+            ``diverge_factor`` x its minimum).
+        mode: "exp" (geometric multipliers) or "linear".
+    """
+
+    multipliers: list[float]
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    base_lr: float
+    group_base_lrs: dict[str, float]
+    suggestion_steepest: float | None
+    suggestion_min_div10: float | None
+    stopped_early: bool
+    mode: str = "exp"
+
+
+def lr_range_test(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable,
+    *,
+    loss_fn: Callable | None = None,
+    base_lr: float | None = None,
+    start_mult: float = START_MULT,
+    end_mult: float = END_MULT,
+    num_steps: int = NUM_STEPS,
+    mode: str = "exp",
+    smooth: float = SMOOTH_BETA,
+    diverge_factor: float = DIVERGE_FACTOR,
+    max_grad_norm: float | None = None,
+    accelerator=None,
+    output_dir: str | Path | None = None,
+) -> RangeTestResult:
+    """Run an LR range test that scales every param group by one multiplier.
+
+    Args:
+        model: the model; trained during the test, restored afterwards.
+        optimizer: built over the recipe's param groups. Each group's base LR is its
+            ``initial_lr`` if a scheduler set one, else its ``lr``.
+        loader: an iterable of batches, re-iterated if shorter than ``num_steps``.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default ``model(**batch).loss``.
+        base_lr: the LR the curve is reported on (the recipe's ``optim.learning_rate``);
+            default the largest group base LR.
+        start_mult: the first multiplier.
+        end_mult: the last multiplier.
+        num_steps: optimizer steps in the sweep (one batch each).
+        mode: "exp" (geometric steps, the usual choice) or "linear".
+        smooth: EMA decay of the smoothed loss, in [0, 1).
+        diverge_factor: stop when the smoothed loss exceeds this x its minimum (or is non-finite).
+        max_grad_norm: clip gradients as the training loop does; None for no clipping.
+        accelerator: an ``accelerate.Accelerator`` when model, optimizer and loader were prepared.
+        output_dir: if given, the main process writes ``lr_range_test.csv`` and ``.png`` there.
+
+    Returns:
+        The :class:`RangeTestResult`.
+
+    Raises:
+        ValueError: on a bad range, mode, smoothing or factor, or an empty loader.
+    """
+    _check_args(start_mult, end_mult, num_steps, mode, smooth, diverge_factor)
+    groups = optimizer.param_groups
+    bases = [g.get("initial_lr", g["lr"]) for g in groups]
+    names = [g.get("name", f"group{i}") for i, g in enumerate(groups)]
+    base_lr = base_lr if base_lr is not None else max(bases)
+    mults = _multipliers(start_mult, end_mult, num_steps, mode)
+    saved = _snapshot(model, optimizer)
+    try:
+        with torch.random.fork_rng():  # the sweep's dropout and shuffling leave no trace
+            step = functools.partial(_train_step, model, optimizer, loss_fn=loss_fn,
+                                     accelerator=accelerator, max_grad_norm=max_grad_norm)
+            losses, stopped = _sweep(model, optimizer, _cycle(loader), mults, bases, step,
+                                     smooth, diverge_factor)
+    finally:
+        _restore(model, optimizer, saved)
+    result = _result(mults[:len(losses)], losses, base_lr, dict(zip(names, bases)), smooth,
+                     stopped, mode)
+    if output_dir is not None and (accelerator is None or accelerator.is_main_process):
+        plot_range_test(result, Path(output_dir) / "lr_range_test.png", current_lr=base_lr)
+        save_range_test_csv(result, Path(output_dir) / "lr_range_test.csv")
+    return result
+
+
+def _check_args(start_mult, end_mult, num_steps, mode, smooth, diverge_factor) -> None:
+    problems = []
+    if not 0 < start_mult < end_mult:
+        problems.append(f"need 0 < start_mult < end_mult, got {start_mult}, {end_mult}")
+    if num_steps < 2:
+        problems.append(f"num_steps must be >= 2, got {num_steps}")
+    if mode not in MODES:
+        problems.append(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0 <= smooth < 1:
+        problems.append(f"smooth must be in [0, 1), got {smooth}")
+    if not diverge_factor > 1:
+        problems.append(f"diverge_factor must be > 1, got {diverge_factor}")
+    if problems:
+        raise ValueError("lr_range_test: " + "; ".join(problems))
+
+
+def _multipliers(start: float, end: float, num_steps: int, mode: str) -> np.ndarray:
+    """num_steps multipliers from start to end, geometric ("exp") or evenly spaced ("linear")."""
+    if mode == "exp":
+        return np.geomspace(start, end, num_steps)
+    return np.linspace(start, end, num_steps)
+
+
+def _cycle(loader: Iterable) -> Iterator:
+    """Yield batches forever, re-iterating the loader (a fresh shuffle each pass)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("lr_range_test: the loader yielded no batches")
+
+
+def _sweep(model, optimizer, batches, mults, bases, step, smooth, diverge_factor):
+    """Set every group's LR to base x m and take one step per multiplier.
+
+    Returns:
+        (losses, stopped_early).
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)  # no stale gradients in the first step
+    losses: list[float] = []
+    for m, batch in zip(mults, batches):
+        for group, base in zip(optimizer.param_groups, bases):
+            group["lr"] = base * float(m)
+        losses.append(step(batch))
+        smoothed = smooth_loss(losses, smooth)
+        if not math.isfinite(losses[-1]) or smoothed[-1] > diverge_factor * smoothed.min():
+            return losses, True
+    return losses, False
+
+
+def _train_step(model, optimizer, batch, loss_fn, accelerator, max_grad_norm) -> float:
+    """One optimizer step; returns the loss averaged across processes (same on every rank)."""
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    batch = send_to_device(batch, device)
+    loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+    value = loss.detach().float()
+    if accelerator is not None:
+        value = accelerator.reduce(value, reduction="mean")
+    if torch.isfinite(value):  # decided on the shared mean, so no rank skips a collective alone
+        if accelerator is not None:
+            accelerator.backward(loss)
+        else:
+            loss.backward()
+        if max_grad_norm is not None:
+            _clip(model, max_grad_norm, accelerator)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(value)
+
+
+def _clip(model, max_norm: float, accelerator) -> None:
+    if accelerator is not None:
+        accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and restoring the state
+# ---------------------------------------------------------------------------------------------
+
+def _cpu_copy(obj):
+    """A deep copy with every tensor copied to the CPU (never aliasing a live CPU tensor)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _snapshot(model, optimizer) -> dict:
+    lr_keys = ("lr", "initial_lr")
+    return {
+        "model": _cpu_copy(model.state_dict()),
+        "optimizer": _cpu_copy(optimizer.state_dict()),
+        "group_lrs": [{k: g[k] for k in lr_keys if k in g} for g in optimizer.param_groups],
+        "training": model.training,
+    }
+
+
+def _restore(model, optimizer, saved: dict) -> None:
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])  # also drops state the sweep created
+    for group, lrs in zip(optimizer.param_groups, saved["group_lrs"]):
+        group.update(lrs)
+    model.train(saved["training"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Suggestions and output
+# ---------------------------------------------------------------------------------------------
+
+def _result(mults, losses, base_lr, group_base_lrs, smooth, stopped, mode) -> RangeTestResult:
+    lrs = base_lr * np.asarray(mults, dtype=float)
+    smoothed = smooth_loss(losses, smooth)
+    steepest, min_div10 = _suggestions(lrs, smoothed)
+    return RangeTestResult(
+        multipliers=[float(m) for m in mults], lrs=lrs.tolist(), losses=[float(x) for x in losses],
+        smoothed=smoothed.tolist(), base_lr=float(base_lr), group_base_lrs=group_base_lrs,
+        suggestion_steepest=steepest, suggestion_min_div10=min_div10, stopped_early=stopped,
+        mode=mode,
+    )
+
+
+def _suggestions(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float | None, float | None]:
+    """(steepest, min / 10) over the finite part of the curve.
+
+    The steepest point is the most negative d(smoothed)/d(log10 lr), from numpy.gradient over the
+    points before the minimum, after skipping the first STEEPEST_SKIP_FRACTION of them.
+    """
+    finite = np.isfinite(smoothed)
+    n = len(smoothed) if finite.all() else int(np.argmin(finite))  # up to the first non-finite
+    if n == 0:
+        return None, None
+    i_min = int(np.argmin(smoothed[:n]))
+    skip = int(len(smoothed) * STEEPEST_SKIP_FRACTION)
+    lo = skip if i_min - skip >= 2 else 0
+    steepest = None
+    if i_min - lo >= 2:  # np.gradient needs points on both sides to mean anything
+        slope = np.gradient(smoothed[lo:i_min + 1], np.log10(lrs[lo:i_min + 1]))
+        steepest = float(lrs[lo + int(np.argmin(slope))])
+    return steepest, float(lrs[i_min] / MIN_DIVISOR)
+
+
+def save_range_test_csv(result: RangeTestResult, path: str | Path) -> Path:
+    """Write the curve as CSV: step, multiplier, lr, loss, smoothed, then one LR column per group.
+
+    Args:
+        result: the range test result.
+        path: the CSV file to write.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    groups = result.group_base_lrs
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "multiplier", "lr", "loss", "smoothed"]
+                        + [f"lr_{name}" for name in groups])
+        rows = zip(result.multipliers, result.lrs, result.losses, result.smoothed)
+        for step, (m, lr, loss, smoothed) in enumerate(rows, 1):
+            writer.writerow([step, m, lr, loss, smoothed] + [base * m for base in groups.values()])
+    return path
+
+
+def _set_ylim(ax, smoothed: np.ndarray) -> None:
+    """Fit the y axis to the smoothed curve up to its minimum, with as much room again above:
+    the descent stays readable and the blow-up runs off the top."""
+    finite = smoothed[np.isfinite(smoothed)]
+    if not finite.size:
+        return
+    low, descent_top = finite.min(), finite[:int(np.argmin(finite)) + 1].max()
+    span = descent_top - low or abs(low) or 1.0
+    ax.set_ylim(low - 0.05 * span, min(finite.max(), descent_top + span) + 0.05 * span)
+
+
+def plot_range_test(result: RangeTestResult, path: str | Path,
+                    current_lr: float | None = None) -> Path:
+    """Plot loss vs LR (log x) with both suggestions and the current LR marked.
+
+    Uses matplotlib's Agg canvas directly (no pyplot): no display needed, no global backend change.
+
+    Args:
+        result: the range test result.
+        path: the PNG to write.
+        current_lr: the recipe's LR, drawn for comparison; None to leave it out.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(result.lrs, result.losses, color="tab:blue", alpha=0.3, lw=1, label="loss")
+    ax.plot(result.lrs, result.smoothed, color="tab:blue", lw=2, label="smoothed loss")
+    marks = (("steepest", result.suggestion_steepest, "tab:green"),
+             ("min / 10", result.suggestion_min_div10, "tab:orange"),
+             ("current", current_lr, "tab:gray"))
+    for label, lr, color in marks:
+        if lr is not None:
+            ax.axvline(lr, color=color, ls="--", label=f"{label}: {lr:.2g}")
+    _set_ylim(ax, np.asarray(result.smoothed))
+    ax.set_xscale("log")
+    ax.set_xlabel(f"learning rate (base {result.base_lr:.2g} x multiplier; groups keep ratios)")
+    ax.set_ylabel("loss")
+    ax.set_title("LR range test" + (" (stopped on divergence)" if result.stopped_early else ""))
+    ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
