@@ -683,8 +683,9 @@ def _validate_schedule(r: Recipe) -> list[str]:
         p.append(f"schedule.step_size: {s.step_size} must be >= 1")
     if s.lr_scheduler_type == "reduce_lr_on_plateau" and r.train.eval_steps is None:
         p.append("train.eval_steps: reduce_lr_on_plateau steps on evaluations; set eval_steps")
+    changed = _changed(r)
     for key, users in _SCHEDULE_KEYS.items():
-        if f"schedule.{key}" in _changed(r) and s.lr_scheduler_type not in users:
+        if f"schedule.{key}" in changed and s.lr_scheduler_type not in users:
             p.append(f"schedule.{key}: not read by lr_scheduler_type {s.lr_scheduler_type!r} "
                      f"(only by {', '.join(users)}); remove it")
     return p
