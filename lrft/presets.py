@@ -78,7 +78,7 @@ def lr_preset(scenario: str, optimizer: str = "adamw") -> LRPreset:
         return replace(base, optimizer=optimizer)
     if optimizer in _LION:
         mid = math.sqrt(LION_LR_DIVISOR[0] * LION_LR_DIVISOR[1])  # geometric middle, ~5.5x
-        wd = max(base.weight_decay, 0.01) * mid
+        wd = base.weight_decay * mid  # no decay stays no decay (LoRA adapters)
         return replace(
             base, optimizer=optimizer,
             learning_rate=float(f"{base.learning_rate / mid:.2g}"),

@@ -140,6 +140,7 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: the launcher's setting
     eval_steps: int | None = None  # None: evaluate at the end only
+    eval_at_start: bool = False  # also evaluate before the first step (a "before" baseline)
     save_steps: int | None = None  # None: no intermediate checkpoints
     save_total_limit: int | None = 2
     logging_steps: int = 10

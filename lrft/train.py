@@ -12,7 +12,8 @@ How the schedule steps under Accelerate (decided here, tested in tests/test_trai
 the scheduler is NOT passed to `accelerator.prepare`. A prepared scheduler steps once per
 process for every optimizer step (it assumes a schedule sized for one process), so the LR at
 step k would depend on the number of processes. Ours is sized in optimizer steps, stepped once
-after each real optimizer step, and saved through `register_for_checkpointing`; with the same
+after each real optimizer step, and saved by `save_checkpoint` as JSON (not registered with
+Accelerate, whose custom-object loader unpickles with `weights_only=False`); with the same
 global batch the LR at optimizer step k is the same on 1 process and on N.
 """
 
@@ -37,6 +38,11 @@ from lrft.recipe import Recipe, RecipeError, dump_recipe, load_recipe
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "lrft_state.json"  # written last inside a checkpoint: its presence marks it complete
+SCHEDULER_FILE = "scheduler.json"  # the LR scheduler's state_dict (plain numbers and lists)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, folder gone); the previous one is intact."""
 
 
 @dataclass
@@ -50,6 +56,9 @@ class RunState:
     best_step: int | None = None
     lr_scale: float = 1.0  # product of the guard's backoffs so far
     rollbacks: int = 0
+    # Losses of steps since the last train record, so a resumed run logs the same averages.
+    log_loss_sum: float = 0.0
+    log_loss_count: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +95,10 @@ def prepare_output_dir(recipe: Recipe, is_main: bool) -> Path | None:
     if t.resume_from_checkpoint == "latest":
         ckpts = list_checkpoints(out)
         resume = ckpts[-1] if ckpts else None
+        if resume is None and (out / "results.json").exists() and not t.overwrite_output_dir:
+            raise RecipeError([f"train.resume_from_checkpoint: {out} holds a finished run with no "
+                               f"checkpoint to resume from; starting over would replace it: set "
+                               f"train.overwrite_output_dir=true or choose another folder"])
     elif t.resume_from_checkpoint:
         resume = Path(t.resume_from_checkpoint)
         if not (resume / STATE_FILE).is_file():
@@ -113,25 +126,42 @@ def prepare_output_dir(recipe: Recipe, is_main: bool) -> Path | None:
     return resume
 
 
-def save_checkpoint(accelerator, out: Path, state: RunState, limit: int | None) -> Path:
+def save_checkpoint(accelerator, out: Path, state: RunState, limit: int | None, *,
+                    scheduler) -> Path:
     """Save model, optimizer, scheduler and RNG states atomically, then prune old checkpoints.
 
     Everything is written to `checkpoint-N.tmp`; the state file goes in last and the folder is
     renamed to `checkpoint-N` only then, so a crash mid-save leaves nothing resume would pick.
-    Old checkpoints are deleted only after the new one is complete.
+    Old checkpoints are deleted only after the new one is complete, each losing its state file
+    first, so a crash mid-delete leaves no half-deleted checkpoint that looks complete.
+
+    Raises:
+        CheckpointError: the write failed (disk full, ...); the partial folder is removed and
+            the previous checkpoint is left as it was.
     """
     final = out / f"{CHECKPOINT_PREFIX}{state.step}"
     tmp = out / f"{final.name}.tmp"
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if limit:
-            for old in list_checkpoints(out)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(out)
+        kept = (f"the previous checkpoint {previous[-1]} is intact" if previous
+                else "there is no earlier checkpoint")
+        raise CheckpointError(f"cannot save {final.name} in {out} ({e.strerror or e}); {kept}; "
+                              f"free disk space (or fix the folder) and resume with "
+                              f"train.resume_from_checkpoint=latest") from e
+    if accelerator.is_main_process and limit:
+        for old in list_checkpoints(out)[:-limit]:
+            (old / STATE_FILE).unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -151,6 +181,27 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=float) + "\n")
+
+    def truncate(self, step: int) -> None:
+        """Keep only records up to optimizer step `step` (all of them gone when `step` is 0).
+
+        A resumed run logs again the steps after its checkpoint that the interrupted run had
+        logged; dropping those (and a line torn by the kill) leaves one clean curve for
+        `lrft diagnose` and `lrft compare`. The start record (no step) stays.
+        """
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if step and isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
 
 
 def group_lrs(optimizer, key: str = "lr") -> dict[str, float]:
@@ -400,16 +451,18 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> di
     # ---- schedule (sized in optimizer steps; not prepared: see the module docstring) -------
     total, per_epoch = total_training_steps(recipe, len(train_loader))
     scheduler = _build_scheduler(recipe, optimizer, total)
-    accelerator.register_for_checkpointing(scheduler)
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
     # ---- resume ---------------------------------------------------------------------------
     state = RunState()
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
+        scheduler.load_state_dict(json.loads((resume_dir / SCHEDULER_FILE).read_text()))
         state = RunState(**json.loads((resume_dir / STATE_FILE).read_text()))
+        log.truncate(state.step)
         _print(accelerator, f"resumed from {resume_dir} at step {state.step}")
     elif t.resume_from_checkpoint == "latest":
+        log.truncate(0)  # killed before its first checkpoint: its records would be repeated
         _print(accelerator, "resume_from_checkpoint: latest: no checkpoint yet, starting fresh")
 
     guard = None
@@ -472,11 +525,14 @@ def _loop(accelerator, recipe, model, optimizer, scheduler, plateau, train_loade
     max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
-    window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "t0": time.perf_counter()}
+    window = {"loss": state.log_loss_sum, "n": state.log_loss_count, "samples": 0, "tokens": 0,
+              "t0": time.perf_counter()}
     t_start, samples_seen, start_step = time.perf_counter(), 0, state.step
     step_loss = torch.zeros((), device=accelerator.device)
     last_eval: dict = {}
     status = "completed"
+    if t.eval_at_start and state.step == 0:
+        _evaluate(accelerator, model, eval_loaders, task_info, state, log, None, per_epoch)
     model.train()
     while state.step < total and status == "completed":
         if hasattr(train_loader, "set_epoch"):
@@ -535,7 +591,8 @@ def _loop(accelerator, recipe, model, optimizer, scheduler, plateau, train_loade
                 last_eval = _evaluate(accelerator, model, eval_loaders, task_info, state, log,
                                       scheduler if plateau else None, per_epoch)
             if t.save_steps and state.step % t.save_steps == 0 and state.step < total:
-                save_checkpoint(accelerator, out, state, t.save_total_limit)
+                state.log_loss_sum, state.log_loss_count = window["loss"], window["n"]
+                save_checkpoint(accelerator, out, state, t.save_total_limit, scheduler=scheduler)
             if state.step >= total:
                 break
         else:  # the epoch ran out
