@@ -4,7 +4,9 @@
 ``stalled``, ``overfitting``, ``healthy`` (or ``insufficient_data``) from robust statistics of the
 logged curves (medians, a debiased EMA), and returns the evidence (steps and numbers), advice, and
 recipe overrides computed from the run's own learning rate. The checks run from the most severe to
-the least and the first that fires wins, so a run that spikes *and* stalls is called exploding.
+the least and the first that fires wins, so a run that spikes *and* stalls is called exploding. A
+flat loss that follows an early jump (a classifier collapsed to the label prior by a too-high LR)
+is reported as diverged, not stalled: raising the LR, the stalled advice, would make it worse.
 :func:`plot_diagnosis` draws the curves with the problem region shaded; :func:`format_diagnosis`
 renders a diagnosis for ``lrft diagnose``.
 
@@ -84,6 +86,19 @@ OSC_MIN_SIGN_CHANGE_RATE = 0.3
 # "Practical Recommendations for Gradient-Based Training"), so a bouncing LR needs a few-fold cut.
 OSC_LR_DIVISOR = 3.0
 
+# --- collapsed (reported as diverged) --------------------------------------------------------
+# A flat loss is not always a too-small LR: a too-large one can knock a classifier into predicting
+# the label prior, after which the loss sits flat at chance level (ln 2 = 0.693 for two balanced
+# classes) and "raise the LR" would be the wrong advice. Failed BERT fine-tuning runs look like
+# this (Mosbach et al. 2021, "On the Stability of Fine-tuning BERT"). The tell is an early bump:
+# the loss first rose 10% above the level it later settled at...
+COLLAPSE_EARLY_RISE = 0.1
+# ...by more than 6 robust standard deviations of the settled loss (a real jump, not a noisy record).
+COLLAPSE_RISE_SDS = 6.0
+# Evidence only: a settled loss within 1% of ln(k), k = 2..10, is the chance level of k classes.
+CHANCE_MAX_CLASSES = 10
+CHANCE_TOLERANCE = 0.01
+
 # --- stalled ---------------------------------------------------------------------------------
 # "Too low an LR: learning is slow and may stay stuck at a high cost" (Deep Learning, sec. 8.3.1).
 # Stalled = the loss moved by less than 5% over the whole run, with low noise (CV < OSC_MIN_CV).
@@ -94,7 +109,7 @@ STALL_LR_FACTOR = 3.0
 # 2e-5..5e-5 (Devlin et al. 2019) and failed fine-tuning runs sit at a flat, chance-level training
 # loss (Mosbach et al. 2021, "On the Stability of Fine-tuning BERT"). LoRA runs legitimately go
 # higher, so this only adds a caution to the advice.
-COLLAPSE_LR = 1e-4
+STALL_CAUTION_LR = 1e-4
 
 # --- overfitting -----------------------------------------------------------------------------
 # Validation worse than its best for the last 3 evaluations: Prechelt's UP_s / patience rule
@@ -184,7 +199,8 @@ class _Run:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """Read ``metrics.jsonl`` from a run directory (or the file itself).
 
-    A last line cut off mid-write (a crash or a run still in progress) is skipped with a warning.
+    A line cut off mid-write is skipped with a warning: the last line after a crash, or a middle
+    line when the run crashed mid-write and was then resumed (the resumed run appends after it).
 
     Args:
         run_dir: the run's output directory, or the path of its metrics file.
@@ -194,21 +210,22 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
     Raises:
         FileNotFoundError: if there is no metrics file.
-        ValueError: if a line other than the last is not valid JSON (the file is corrupt).
+        ValueError: if the file has lines but none of them is a JSON object.
     """
     path = Path(run_dir)
     if path.is_dir():
         path = path / METRICS_FILE
     lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     records = []
-    for k, (number, line) in enumerate(lines):
+    for number, line in lines:
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if k < len(lines) - 1:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
-            warnings.warn(f"{path}:{number}: skipping a truncated last line: {line[:60]!r}",
-                          stacklevel=2)
+        except json.JSONDecodeError:
+            what = "truncated last line" if number == lines[-1][0] else "corrupt line"
+            warnings.warn(f"{path}:{number}: skipping a {what} (a crash mid-write?): "
+                          f"{line[:60]!r}", stacklevel=2)
+    if lines and (not records or not all(isinstance(r, dict) for r in records)):
+        raise ValueError(f"{path}: not a metrics.jsonl file (expected one JSON object per line)")
     return records
 
 
@@ -419,7 +436,7 @@ def _check_exploding(r: _Run) -> Diagnosis | None:
     if not evidence:
         return None
     advice = (f"The LR is at the edge of stability: lower it {EXPLODING_LR_DIVISOR:g}x "
-              f"{_lr_text(r, 1 / EXPLODING_LR_DIVISOR)}, clip gradients at {CLIP_NORM:g}"
+              f"{_lr_text(r, 1 / EXPLODING_LR_DIVISOR)}, clip gradients at {CLIP_NORM:g} (if not yet)"
               f"{_warmup_text(r)}. Enabling the guard (guard.enabled=true) rolls spikes back.")
     overrides = _overrides(r, 1 / EXPLODING_LR_DIVISOR, f"train.max_grad_norm={CLIP_NORM}",
                            warmup=True)
@@ -463,6 +480,38 @@ def _check_oscillating(r: _Run) -> Diagnosis | None:
                      (int(r.fsteps[half]), int(r.fsteps[-1])), r.learning_rate)
 
 
+def _check_collapsed(r: _Run) -> Diagnosis | None:
+    """A flat loss that follows an early bump: the LR broke the model (verdict "diverged")."""
+    half = len(r.floss) // 2
+    drop, settled = _relative_drop(r), r.floss[half:]
+    final, spread = _final(r), float(iqr(settled, scale="normal"))
+    peak_i = int(np.argmax(r.floss[:half]))
+    rise = r.floss[peak_i] - final
+    if not (abs(drop) < STALL_MAX_DROP and _robust_cv(settled) < OSC_MIN_CV
+            and rise > COLLAPSE_EARLY_RISE * final and rise > COLLAPSE_RISE_SDS * spread):
+        return None
+    evidence = [f"loss jumped to {_fmt(r.floss[peak_i])} at step {r.fsteps[peak_i]}, then settled "
+                f"flat at {_fmt(final)} ({-drop:+.1%} over the run, robust SD {_fmt(spread)})"]
+    k = _chance_classes(final)
+    if k:
+        evidence.append(f"{_fmt(final)} ~ ln {k} = {math.log(k):.3f}: the chance-level loss of {k} "
+                        "balanced classes, i.e. the model predicts the label prior")
+    advice = (f"A flat loss after an early bump is a collapse, not a too-small LR: lower it "
+              f"{DIVERGED_LR_DIVISOR:g}x {_lr_text(r, 1 / DIVERGED_LR_DIVISOR)}{_warmup_text(r)}, "
+              "and confirm with `lrft find-lr`.")
+    return Diagnosis("diverged", evidence, advice,
+                     _overrides(r, 1 / DIVERGED_LR_DIVISOR, warmup=True),
+                     (int(r.fsteps[peak_i]), int(r.fsteps[-1])), r.learning_rate)
+
+
+def _chance_classes(loss: float) -> int | None:
+    """k if loss is within CHANCE_TOLERANCE of ln k for some k in 2..CHANCE_MAX_CLASSES."""
+    for k in range(2, CHANCE_MAX_CLASSES + 1):
+        if abs(loss - math.log(k)) <= CHANCE_TOLERANCE * math.log(k):
+            return k
+    return None
+
+
 def _check_stalled(r: _Run) -> Diagnosis | None:
     drop, cv = _relative_drop(r), _robust_cv(r.floss[len(r.floss) // 2:])
     if not (abs(drop) < STALL_MAX_DROP and cv < OSC_MIN_CV):
@@ -473,7 +522,7 @@ def _check_stalled(r: _Run) -> Diagnosis | None:
                 f"with little noise (robust CV {cv:.1%})"]
     advice = (f"The steps are too small to make progress: raise the LR {STALL_LR_FACTOR:g}x, "
               f"the low end of the usual 3-5x {_lr_text(r, STALL_LR_FACTOR)}{_warmup_text(r)}.")
-    if r.learning_rate and r.learning_rate >= COLLAPSE_LR:
+    if r.learning_rate and r.learning_rate >= STALL_CAUTION_LR:
         advice += (f" Caution: at an LR of {_fmt(r.learning_rate)} a flat loss (often at chance "
                    "level, e.g. ln 2 = 0.693) can also mean a collapsed model: run "
                    "`lrft find-lr` before raising it.")
@@ -540,16 +589,20 @@ def _check_overfitting(r: _Run) -> Diagnosis | None:
 
 
 def _healthy(r: _Run) -> Diagnosis:
-    evidence = [f"loss fell {_relative_drop(r):.0%}: {_fmt(_initial(r))} -> {_fmt(_final(r))} "
-                f"over steps {r.fsteps[0]}-{r.fsteps[-1]}",
+    drop = _relative_drop(r)
+    evidence = [f"loss {'fell' if drop > 0 else 'changed'} {abs(drop):.0%}: {_fmt(_initial(r))} "
+                f"-> {_fmt(_final(r))} over steps {r.fsteps[0]}-{r.fsteps[-1]}",
                 f"{len(_grad_spikes(r))} grad-norm spike(s), {len(r.guards)} guard event(s)"]
     advice = ("Nothing to fix: keep the LR. To squeeze out more, compare 0.5x and 2x of it, or run "
               "`lrft find-lr`.")
+    if drop <= 0:  # no LR rule fired, yet the loss did not go down: not the LR's signature
+        advice = ("No LR problem shows, but the loss did not go down: check the data (labels, "
+                  "shuffling, truncation) before changing the LR.")
     return Diagnosis("healthy", evidence, advice, [], None, r.learning_rate)
 
 
 _CHECKS = (_check_diverged, _check_insufficient, _check_exploding, _check_oscillating,
-           _check_stalled, _check_overfitting)
+           _check_collapsed, _check_stalled, _check_overfitting)
 
 
 def diagnose(run_dir_or_records) -> Diagnosis:
@@ -560,8 +613,8 @@ def diagnose(run_dir_or_records) -> Diagnosis:
 
     Returns:
         The first :class:`Diagnosis` whose rule fires, checked from the most severe
-        (diverged, then insufficient data, exploding, oscillating, stalled, overfitting), else
-        ``healthy``.
+        (diverged, then insufficient data, exploding, oscillating, a collapse to a flat loss
+        (reported as diverged), stalled, overfitting), else ``healthy``.
     """
     run = _parse(_load(run_dir_or_records))
     for check in _CHECKS:

@@ -8,8 +8,9 @@ whole optimizer, which throws those ratios away.) The curve is reported on the s
 recipe's learning rate: ``lrs = base_lr x m``, so a suggestion is a value for
 ``optim.learning_rate`` and the groups follow it as the recipe says.
 
-The model, the optimizer (state, ``lr`` and ``initial_lr`` of each group) and the torch RNG are
-restored afterwards, so training can start right after. Under Accelerate the loss is averaged
+The model (its trainable parameters and buffers: frozen weights never move), the optimizer (state,
+``lr`` and ``initial_lr`` of each group), the fp16 loss scaler and the torch RNG are restored
+afterwards, so training can start right after. Under Accelerate the loss is averaged
 across processes, so every rank sees the same curve and takes the same early-stop decision, and
 only the main process writes files.
 """
@@ -64,9 +65,12 @@ class RangeTestResult:
         base_lr: the reference LR the curve is reported on (the recipe's learning rate).
         group_base_lrs: each group's base LR (group name -> LR); its LR at a step is base x m.
         suggestion_steepest: LR of the steepest descent of the smoothed loss vs log LR, before the
-            minimum; None when the curve is too short to tell.
-        suggestion_min_div10: LR at the smoothed minimum / 10 (below the tested range when the
-            minimum is at the very start: widen ``start_mult`` then).
+            minimum; None when the curve is too short to tell. The aggressive pick: on short,
+            noisy fine-tuning sweeps the loss often plunges just before it blows up, and the
+            steepest point then sits at the minimum itself.
+        suggestion_min_div10: LR at the smoothed minimum / 10, the conservative pick (fastai's
+            ``lr_min``); below the tested range when the minimum is at the very start (widen
+            ``start_mult`` then).
         stopped_early: whether the sweep stopped on divergence (non-finite or smoothed loss above
             ``diverge_factor`` x its minimum).
         mode: "exp" (geometric multipliers) or "linear".
@@ -133,7 +137,8 @@ def lr_range_test(
     names = [g.get("name", f"group{i}") for i, g in enumerate(groups)]
     base_lr = base_lr if base_lr is not None else max(bases)
     mults = _multipliers(start_mult, end_mult, num_steps, mode)
-    saved = _snapshot(model, optimizer)
+    scaler = getattr(accelerator, "scaler", None)
+    saved = _snapshot(model, optimizer, scaler)
     try:
         with torch.random.fork_rng():  # the sweep's dropout and shuffling leave no trace
             step = functools.partial(_train_step, model, optimizer, loss_fn=loss_fn,
@@ -141,7 +146,7 @@ def lr_range_test(
             losses, stopped = _sweep(model, optimizer, _cycle(loader), mults, bases, step,
                                      smooth, diverge_factor)
     finally:
-        _restore(model, optimizer, saved)
+        _restore(model, optimizer, scaler, saved)
     result = _result(mults[:len(losses)], losses, base_lr, dict(zip(names, bases)), smooth,
                      stopped, mode)
     if output_dir is not None and (accelerator is None or accelerator.is_main_process):
@@ -245,21 +250,34 @@ def _cpu_copy(obj):
     return copy.deepcopy(obj)
 
 
-def _snapshot(model, optimizer) -> dict:
+def _changeable(model) -> dict[str, torch.Tensor]:
+    """What a sweep can change: trainable parameters and buffers. Frozen weights (a LoRA base, a
+    4-bit QLoRA base) never move, so they are neither copied nor reloaded."""
+    state = {f"param:{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    state.update({f"buffer:{n}": b for n, b in model.named_buffers()})
+    return state
+
+
+def _snapshot(model, optimizer, scaler) -> dict:
     lr_keys = ("lr", "initial_lr")
     return {
-        "model": _cpu_copy(model.state_dict()),
+        "model": _cpu_copy(_changeable(model)),
         "optimizer": _cpu_copy(optimizer.state_dict()),
         "group_lrs": [{k: g[k] for k in lr_keys if k in g} for g in optimizer.param_groups],
+        "scaler": _cpu_copy(scaler.state_dict()) if scaler is not None else None,
         "training": model.training,
     }
 
 
-def _restore(model, optimizer, saved: dict) -> None:
-    model.load_state_dict(saved["model"])
+@torch.no_grad()
+def _restore(model, optimizer, scaler, saved: dict) -> None:
+    for name, tensor in _changeable(model).items():
+        tensor.copy_(saved["model"][name])
     optimizer.load_state_dict(saved["optimizer"])  # also drops state the sweep created
     for group, lrs in zip(optimizer.param_groups, saved["group_lrs"]):
         group.update(lrs)
+    if scaler is not None:  # fp16 under Accelerate: the sweep moved the loss scale
+        scaler.load_state_dict(saved["scaler"])
     model.train(saved["training"])
 
 
