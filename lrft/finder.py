@@ -389,3 +389,75 @@ def plot_range_test(result: RangeTestResult, path: str | Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+def find_lr_for_recipe(recipe_path: str | Path, overrides: list[str] | None = None, *,
+                       num_steps: int = NUM_STEPS, start_mult: float | None = None,
+                       end_mult: float | None = None, apply: bool = False) -> RangeTestResult:
+    """`lrft find-lr`: the range test on the recipe's own model, data, groups and optimizer.
+
+    Writes `lr_range_test.csv` and `.png` to `<train.output_dir>/find_lr/` and prints both
+    suggestions next to the recipe's LR. With `apply`, writes a new recipe beside the original
+    (`<name>.lr-<value>.yaml`, extending it through `base:`) with the conservative suggestion.
+    """
+    from accelerate.utils import set_seed
+
+    from lrft.recipe import load_recipe
+    from lrft.train import _make_accelerator, build_run
+
+    recipe = load_recipe(recipe_path, overrides)
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
+    accelerator = _make_accelerator(recipe)
+    set_seed(recipe.train.seed)
+    run = build_run(recipe, accelerator)
+    out = Path(recipe.train.output_dir) / "find_lr"
+    result = lr_range_test(
+        run.model, run.optimizer, run.train_loader, base_lr=run.lr,
+        start_mult=START_MULT if start_mult is None else start_mult,
+        end_mult=END_MULT if end_mult is None else end_mult, num_steps=num_steps,
+        max_grad_norm=recipe.train.max_grad_norm, accelerator=accelerator, output_dir=out)
+    if accelerator.is_main_process:
+        print(format_suggestions(result, run.lr, out))
+        if apply:
+            pick = result.suggestion_min_div10 or result.suggestion_steepest
+            if pick is None:
+                print("--apply: no suggestion to write (the curve never fell); recipe unchanged")
+            else:
+                print(f"wrote {write_recipe_with_lr(Path(recipe_path), overrides or [], pick)}")
+    return result
+
+
+def format_suggestions(result: RangeTestResult, current_lr: float, out: Path) -> str:
+    """The range test's verdict for the console."""
+    def show(x):
+        return "none (the loss never fell)" if x is None else f"{x:.2e}"
+
+    stop = "stopped early: the loss diverged" if result.stopped_early else "ran the full sweep"
+    return "\n".join([
+        f"LR range test: {len(result.losses)} steps, {result.lrs[0]:.1e} .. {result.lrs[-1]:.1e} "
+        f"({stop}); every group kept its ratio to the base LR",
+        f"  recipe's optim.learning_rate  {current_lr:.2e}",
+        f"  suggestion (min loss / 10)    {show(result.suggestion_min_div10)}   (--apply writes this one)",
+        f"  suggestion (steepest descent) {show(result.suggestion_steepest)}",
+        f"  curve: {out / 'lr_range_test.png'}, {out / 'lr_range_test.csv'}"])
+
+
+def write_recipe_with_lr(path: Path, overrides: list[str], lr: float) -> Path:
+    """A new recipe beside `path` that extends it (`base:`) with the overrides and `lr`."""
+    import yaml
+
+    data: dict = {"base": path.name}
+    for item in [*overrides, f"optim.learning_rate={lr:.2e}"]:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        data.setdefault(section, {})[name] = yaml.safe_load(value)
+    target = path.with_name(f"{path.stem}.lr-{lr:.0e}.yaml")
+    n = 2
+    while target.exists():  # never over an existing file, the original least of all
+        target = path.with_name(f"{path.stem}.lr-{lr:.0e}-{n}.yaml")
+        n += 1
+    header = (f"# {path.name} with the LR suggested by `lrft find-lr` (min loss / 10).\n"
+              f"# Run: accelerate launch lrft/train.py {target}\n")
+    target.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    return target

@@ -160,7 +160,6 @@ def save_checkpoint(accelerator, out: Path, state: RunState, limit: int | None, 
                               f"train.resume_from_checkpoint=latest") from e
     if accelerator.is_main_process and limit:
         for old in list_checkpoints(out)[:-limit]:
-            (old / STATE_FILE).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -371,36 +370,29 @@ def _build_scheduler(recipe: Recipe, optimizer, total: int):
         patience=s.patience)
 
 
-def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> dict:
-    """Fine-tune a model as the recipe says; return the final results (also in results.json).
+@dataclass
+class Run:
+    """Everything `build_run` sets up: what training (and the LR range test) works on."""
 
-    Args:
-        recipe: a loaded :class:`Recipe`, or the path of a recipe file.
-        overrides: dotted `key=value` overrides, when `recipe` is a path.
+    accelerator: object
+    tokenizer: object
+    data: object
+    task_info: TaskInfo
+    model: object  # prepared by Accelerate
+    optimizer: object  # prepared by Accelerate
+    train_loader: object
+    eval_loaders: dict
+    lr: float  # the base LR after optim.scale_lr
+    lr_note: str | None
+    trainable_params: int
 
-    Raises:
-        RecipeError, lrft.data.DataError: bad recipe, data or environment, before training.
+
+def build_run(recipe: Recipe, accelerator) -> Run:
+    """The phases data -> model (+LoRA) -> param groups -> optimizer, prepared by Accelerate.
+
+    Prints the model's trainable parameters and the param-group table on the main process.
     """
-    # ---- recipe ---------------------------------------------------------------------------
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, overrides)
     t = recipe.train
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-
-    # ---- accelerator ----------------------------------------------------------------------
-    from accelerate.utils import set_seed
-
-    accelerator = _make_accelerator(recipe)
-    set_seed(t.seed)
-    out = Path(t.output_dir)
-    resume_dir = prepare_output_dir(recipe, accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
-    _print(accelerator, f"lrft: {recipe.source or 'recipe'} -> {out}  "
-                        f"({accelerator.num_processes} process(es), {accelerator.device}, "
-                        f"mixed precision {accelerator.mixed_precision})")
-
     # ---- data -----------------------------------------------------------------------------
     from lrft.data import make_dataloader
     from lrft.models import count_parameters, load_model, load_tokenizer
@@ -446,7 +438,43 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> di
                                 **_optimizer_kwargs(recipe))
     model, optimizer, train_loader, *prepared_evals = accelerator.prepare(
         model, optimizer, train_loader, *eval_loaders.values())
-    eval_loaders = dict(zip(eval_loaders, prepared_evals))
+    return Run(accelerator, tokenizer, data, task_info, model, optimizer, train_loader,
+               dict(zip(eval_loaders, prepared_evals)), lr, lr_note, trainable)
+
+
+def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> dict:
+    """Fine-tune a model as the recipe says; return the final results (also in results.json).
+
+    Args:
+        recipe: a loaded :class:`Recipe`, or the path of a recipe file.
+        overrides: dotted `key=value` overrides, when `recipe` is a path.
+
+    Raises:
+        RecipeError, lrft.data.DataError: bad recipe, data or environment, before training.
+    """
+    # ---- recipe ---------------------------------------------------------------------------
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    t = recipe.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+
+    # ---- accelerator ----------------------------------------------------------------------
+    from accelerate.utils import set_seed
+
+    accelerator = _make_accelerator(recipe)
+    set_seed(t.seed)
+    out = Path(t.output_dir)
+    resume_dir = prepare_output_dir(recipe, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
+    _print(accelerator, f"lrft: {recipe.source or 'recipe'} -> {out}  "
+                        f"({accelerator.num_processes} process(es), {accelerator.device}, "
+                        f"mixed precision {accelerator.mixed_precision})")
+
+    # ---- data, model (+LoRA), param groups, optimizer ---------------------------------------
+    run = build_run(recipe, accelerator)
+    model, optimizer, train_loader = run.model, run.optimizer, run.train_loader
 
     # ---- schedule (sized in optimizer steps; not prepared: see the module docstring) -------
     total, per_epoch = total_training_steps(recipe, len(train_loader))
@@ -477,24 +505,24 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> di
     if state.step == 0:
         log.write({"kind": "start", "time": time.time(), "num_training_steps": total,
                    "steps_per_epoch": per_epoch, "groups": group_lrs(optimizer, "initial_lr"),
-                   "learning_rate": lr, "optimizer": o.name,
+                   "learning_rate": run.lr, "optimizer": recipe.optim.name,
                    "lr_scheduler_type": recipe.schedule.lr_scheduler_type,
                    "warmup_steps": _warmup_steps(recipe, total),
                    "effective_batch_size": accelerator.num_processes
                    * t.per_device_train_batch_size * t.gradient_accumulation_steps,
-                   "num_processes": accelerator.num_processes, "trainable_params": trainable,
-                   "lr_note": lr_note})
+                   "num_processes": accelerator.num_processes, "trainable_params": run.trainable_params,
+                   "lr_note": run.lr_note})
     if accelerator.is_main_process:
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
 
     # ---- loop -----------------------------------------------------------------------------
     results = _loop(accelerator, recipe, model, optimizer, scheduler, plateau, train_loader,
-                    eval_loaders, task_info, state, total, per_epoch, log, guard)
+                    run.eval_loaders, run.task_info, state, total, per_epoch, log, guard)
 
     # ---- save -----------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_final_model(accelerator.unwrap_model(model), tokenizer, out, recipe)
+        save_final_model(accelerator.unwrap_model(model), run.tokenizer, out, recipe)
         results["output_dir"] = str(out)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
         _print(accelerator, f"saved model and results to {out}")

@@ -238,3 +238,56 @@ def test_bad_arguments_raise(kwargs):
     model, optimizer, batches = _regression()
     with pytest.raises(ValueError, match="lr_range_test"):
         lr_range_test(model, optimizer, batches, loss_fn=_recording_mse(optimizer, []), **kwargs)
+
+
+# ---- `lrft find-lr` on a recipe: the real model, data, groups and optimizer ------------------
+
+def _find_lr_recipe(tmp_path, tiny_bert, tiny_glue):
+    from conftest import bert_recipe, write_recipe
+
+    recipe = bert_recipe(tiny_bert, tiny_glue, tmp_path / "run")
+    recipe["optim"]["layer_decay"] = 0.5
+    recipe["optim"]["head_lr_scale"] = 2.0
+    return write_recipe(tmp_path / "bert.yaml", recipe)
+
+
+def test_find_lr_cli_writes_curve_and_new_recipe(tmp_path, tiny_bert, tiny_glue, capsys):
+    from lrft.cli import main
+    from lrft.recipe import load_recipe
+
+    path = _find_lr_recipe(tmp_path, tiny_bert, tiny_glue)
+    original = path.read_text()
+    assert main(["find-lr", str(path), "train.seed=3", "--num_steps", "20", "--apply"]) == 0
+    shown = capsys.readouterr().out
+    assert "recipe's optim.learning_rate  3.00e-03" in shown and "min loss / 10" in shown
+    out = tmp_path / "run" / "find_lr"
+    assert (out / "lr_range_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (out / "lr_range_test.csv").read_text().splitlines()
+    assert len(rows) == 21  # header + one row per step
+    assert path.read_text() == original  # never over the original
+    (written,) = tmp_path.glob("bert.lr-*.yaml")
+    new = load_recipe(written)
+    assert new.train.seed == 3  # the CLI's overrides carry over
+    assert new.optim.layer_decay == 0.5  # and the rest through base:
+    assert f"{new.optim.learning_rate:.2e}" in shown
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # a range test is not a run
+
+
+@pytest.mark.slow
+def test_find_lr_under_two_processes(tmp_path, tiny_bert, tiny_glue):
+    """Two CPU processes: losses averaged across ranks, one curve written by the main process."""
+    import os
+    import subprocess
+    import sys
+
+    path = _find_lr_recipe(tmp_path, tiny_bert, tiny_glue)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "lrft.cli", "find-lr", str(path), "train.per_device_train_batch_size=4",
+           "--num_steps", "12"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("LR range test:") == 1  # printed once, by the main process
+    rows = (tmp_path / "run" / "find_lr" / "lr_range_test.csv").read_text().splitlines()
+    assert len(rows) == 13
