@@ -111,3 +111,79 @@ def test_stops_after_max_rollbacks():
     assert verdicts == ["rollback", "rollback", "stop"]
     assert math.isclose(guard.state.lr_scale, 0.25)
     assert guard.drain_events()[-1]["event"] == "stop"
+
+
+# ---- in a real training run: inject a NaN batch, force a huge LR; the run must recover -----
+
+def _inject(monkeypatch, nan_at_call=None, huge_lr_at_step=None):
+    """Patch the tiny BERT's forward (NaN loss on one training call) and the schedule (x1e3 LR)."""
+    import transformers
+
+    import lrft.schedule
+
+    forward = transformers.BertForSequenceClassification.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == nan_at_call:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(transformers.BertForSequenceClassification, "forward", poisoned)
+    build = lrft.schedule.build_scheduler
+
+    def spiking(*args, **kwargs):
+        scheduler = build(*args, **kwargs)
+        scheduler.lr_lambdas = [
+            (lambda s, f=f: f(s) * (1e3 if s == huge_lr_at_step else 1.0))
+            for f in scheduler.lr_lambdas]
+        return scheduler
+
+    monkeypatch.setattr(lrft.schedule, "build_scheduler", spiking)
+
+
+def _run(tmp_path, tiny_bert, tiny_glue, guard: dict | None):
+    import json
+
+    from conftest import bert_recipe, write_recipe
+    from lrft.train import train
+
+    recipe = bert_recipe(tiny_bert, tiny_glue, tmp_path / "run", max_steps=60, eval_steps=None)
+    if guard:
+        recipe["guard"] = {"enabled": True, **guard}
+    results = train(write_recipe(tmp_path / "r.yaml", recipe))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    return results, records
+
+
+def test_guard_recovers_from_nan_batch_and_lr_spike(tmp_path, tiny_bert, tiny_glue, monkeypatch):
+    _inject(monkeypatch, nan_at_call=15, huge_lr_at_step=30)
+    results, records = _run(tmp_path, tiny_bert, tiny_glue,
+                            {"action": "rollback", "snapshot_steps": 5, "max_rollbacks": 4})
+    events = [r["event"] for r in records if r["kind"] == "guard"]
+    assert "nan_loss" in events and "rollback" in events
+    assert any(e in events for e in ("loss_spike", "grad_spike"))  # the x1e3 LR step
+    assert results["status"] == "completed" and results["step"] == 60
+    assert results["rollbacks"] >= 2 and results["lr_scale"] < 1.0
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert all(math.isfinite(x) for x in losses[-10:])
+    assert results["final"]["accuracy"] >= 0.9
+
+
+def test_without_guard_the_same_nan_ruins_the_run(tmp_path, tiny_bert, tiny_glue, monkeypatch):
+    _inject(monkeypatch, nan_at_call=15)
+    results, records = _run(tmp_path, tiny_bert, tiny_glue, guard=None)
+    assert not any(r["kind"] == "guard" for r in records)
+    assert math.isnan(results["final"]["eval_loss"])  # NaN weights from step 15 on
+    assert results["final"]["accuracy"] <= 0.6
+
+
+def test_guard_skip_action_drops_the_nan_step(tmp_path, tiny_bert, tiny_glue, monkeypatch):
+    _inject(monkeypatch, nan_at_call=15)
+    results, records = _run(tmp_path, tiny_bert, tiny_glue, {"action": "skip"})
+    events = [r["event"] for r in records if r["kind"] == "guard"]
+    assert events == ["nan_loss", "skip"]
+    assert results["status"] == "completed" and results["final"]["accuracy"] >= 0.9
