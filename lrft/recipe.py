@@ -714,14 +714,20 @@ def _validate_train(r: Recipe) -> list[str]:
     return p
 
 
+def _stray_keys(r: Recipe, section: str) -> list[str]:
+    """Keys of a switched-off section (`lora`, `guard`) that were set: they would do nothing."""
+    stray = sorted(k for k in _changed(r) if k.startswith(f"{section}.")
+                   and k != f"{section}.enabled")
+    if not stray:
+        return []
+    return [f"{section}: {', '.join(stray)} set but {section}.enabled is false; set "
+            f"{section}.enabled: true or remove them"]
+
+
 def _validate_lora(r: Recipe) -> list[str]:
     p, lo = [], r.lora
     if not lo.enabled:
-        stray = sorted(k for k in _changed(r) if k.startswith("lora.") and k != "lora.enabled")
-        if stray:
-            p.append(f"lora: {', '.join(stray)} set but lora.enabled is false; set "
-                     f"lora.enabled: true or remove them")
-        return p
+        return _stray_keys(r, "lora")
     if lo.r < 1:
         p.append(f"lora.r: {lo.r} must be >= 1 (typical: 8-64)")
     if lo.alpha < 1:
@@ -739,11 +745,7 @@ def _validate_lora(r: Recipe) -> list[str]:
 def _validate_guard(r: Recipe) -> list[str]:
     p, g = [], r.guard
     if not g.enabled:
-        stray = sorted(k for k in _changed(r) if k.startswith("guard.") and k != "guard.enabled")
-        if stray:
-            p.append(f"guard: {', '.join(stray)} set but guard.enabled is false; set "
-                     f"guard.enabled: true or remove them")
-        return p
+        return _stray_keys(r, "guard")
     for key in ("loss_spike_factor", "grad_spike_factor"):
         if not getattr(g, key) > 1:
             p.append(f"guard.{key}: {getattr(g, key)} must be > 1 (e.g. 3)")
