@@ -746,7 +746,11 @@ def make_dataloader(
     else:
         collator = DataCollatorWithPadding(tokenizer, padding=True, pad_to_multiple_of=None)
     sampler = _sampler(dataset, batch_size, shuffle, seed, group_by_length)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+    # The loader's own generator: each `iter(loader)` draws a worker base seed from it instead of
+    # from torch's global RNG, so starting an epoch, an evaluation or a resumed (skipped) pass
+    # never shifts the dropout RNG, and a resumed run continues bit-identically.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def padding_fraction(dataloader) -> float:
