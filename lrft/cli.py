@@ -149,6 +149,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [RecipeError, FileNotFoundError]
     if "lrft.data" in sys.modules:
         errors.append(sys.modules["lrft.data"].DataError)
+    if "lrft.train" in sys.modules:  # disk full or folder gone while saving a checkpoint
+        errors.append(sys.modules["lrft.train"].CheckpointError)
     return tuple(errors)
 
 

@@ -170,8 +170,18 @@ def _load_files(train_files: list[str], eval_files: list[str] | None) -> dataset
         for shown, f in zip(named[split], files):
             if not any(ch in f for ch in "*?[") and not os.path.exists(f):
                 raise DataError(f"{split} file {shown!r} does not exist (resolved to {f})")
+            if os.path.isfile(f) and os.path.getsize(f) == 0:
+                raise DataError(f"{split} file {shown!r} is empty (0 bytes); expected rows of data")
     builder = _builder_for([f for files in resolved.values() for f in files])
-    return _load(builder, None, shown=", ".join(train_files), data_files=resolved)
+    try:
+        return _load(builder, None, shown=", ".join(train_files), data_files=resolved)
+    except DataError as err:  # datasets' words for a split without rows: say which files
+        empty = re.search(r'Instruction "([^"]+)" corresponds to no data', str(err.__cause__))
+        if empty and empty.group(1) in named:
+            split = empty.group(1)
+            raise DataError(f"{split} split is empty: {', '.join(named[split])} hold(s) no rows; "
+                            f"expected at least one example") from err
+        raise
 
 
 def _load_raw(cfg, glue: GlueTask | None) -> datasets.DatasetDict:

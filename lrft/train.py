@@ -160,6 +160,7 @@ def save_checkpoint(accelerator, out: Path, state: RunState, limit: int | None, 
                               f"train.resume_from_checkpoint=latest") from e
     if accelerator.is_main_process and limit:
         for old in list_checkpoints(out)[:-limit]:
+            (old / STATE_FILE).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
