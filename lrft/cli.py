@@ -113,8 +113,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     if not args.recipe:
         raise SystemExit("lrft compare: give a comparison recipe, or --report DIR")
-    compare.run_comparison(args.recipe, args.overrides)
-    return 0
+    summary = compare.run_comparison(args.recipe, args.overrides)
+    return 1 if summary.get("failed") else 0  # a failed cell stops the comparison
 
 
 def cmd_find_lr(args: argparse.Namespace) -> int:
