@@ -666,6 +666,8 @@ def diagnose_run(run_dir: str | Path, plot: bool = True) -> int:
     records = read_metrics(run_dir)
     d = diagnose(records)
     recipe = run_dir / "recipe.yaml" if run_dir.is_dir() else None
+    if d.overrides and recipe is not None:  # the retry must not collide with this run's folder
+        d.overrides.append(f"train.output_dir={run_dir.as_posix().rstrip('/')}-retry")
     print(format_diagnosis(d, str(recipe) if recipe and recipe.exists() else "RECIPE"))
     if plot and run_dir.is_dir():
         print(f"\nplot: {plot_diagnosis(records, d, run_dir / 'doctor.png')}")
