@@ -33,10 +33,14 @@ _COMMON_ARGS = ("lr", "weight_decay")
 def _torch_adamw(groups: list[dict], kwargs: dict, model: nn.Module | None) -> torch.optim.Optimizer:
     import torch
 
-    # The fused kernel exists only on accelerators; on CPU keep torch's default (foreach).
+    # torch's fused AdamW (one kernel per step, not one per tensor) runs on CPU and CUDA alike;
+    # the HF Trainer uses it by default. On CPU it is ~6x faster than torch's default
+    # single-tensor path (bench/fixes.py). Params are usually still on the CPU here and moved to
+    # the GPU by accelerate.prepare afterwards, so only dtype and device type are checked.
     params = [p for g in groups for p in g["params"]]
-    fused = True if params and all(p.is_cuda for p in params) else None
-    return torch.optim.AdamW(groups, fused=fused, **kwargs)
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                 for p in params)
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
 def _torch(cls_name: str) -> Callable[..., torch.optim.Optimizer]:

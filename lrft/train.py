@@ -405,9 +405,11 @@ def build_run(recipe: Recipe, accelerator) -> Run:
     train_loader = make_dataloader(
         data.train, tokenizer, t.per_device_train_batch_size, shuffle=True, seed=t.seed,
         group_by_length=recipe.data.group_by_length, task=kind)
+    # Eval batches sorted by length (longest first) when grouping is on: a fixed order whose
+    # batches carry little padding; metrics do not depend on the order (bench/fixes.py).
     eval_loaders = {name: make_dataloader(ds, tokenizer, t.per_device_eval_batch_size,
-                                          shuffle=False, seed=t.seed, group_by_length=False,
-                                          task=kind)
+                                          shuffle=False, seed=t.seed,
+                                          group_by_length=recipe.data.group_by_length, task=kind)
                     for name, ds in data.evals.items()}
     task_info = _task_info(recipe, data, len(eval_loaders))
 
@@ -522,8 +524,9 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> di
 
     # ---- save -----------------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP/ZeRO-3 shards: every process
     if accelerator.is_main_process:
-        save_final_model(accelerator.unwrap_model(model), run.tokenizer, out, recipe)
+        save_final_model(accelerator.unwrap_model(model), run.tokenizer, out, recipe, state_dict)
         results["output_dir"] = str(out)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
         _print(accelerator, f"saved model and results to {out}")
@@ -577,7 +580,7 @@ def _loop(accelerator, recipe, model, optimizer, scheduler, plateau, train_loade
                 step_loss += loss.detach().float() / accum
                 window["samples"] += batch["input_ids"].shape[0]
                 samples_seen += batch["input_ids"].shape[0]
-                window["tokens"] += int(batch["attention_mask"].sum()) \
+                window["tokens"] += batch["attention_mask"].sum() \
                     if "attention_mask" in batch else batch["input_ids"].numel()
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -586,10 +589,14 @@ def _loop(accelerator, recipe, model, optimizer, scheduler, plateau, train_loade
             if not accelerator.sync_gradients:
                 continue
             # ---- one optimizer step is complete (gradients synchronised and clipped) ----
-            mean_loss = accelerator.reduce(step_loss, "mean").item()
+            # Loss, grad norm and token count stay on the device: the host reads them at logging
+            # steps only (every step only for the guard), so a GPU is not synced every step.
+            mean_loss = accelerator.reduce(step_loss, "mean")  # a copy: zeroing keeps it
             step_loss.zero_()
-            gnorm = float(grad_norm) if grad_norm is not None else float("nan")
-            verdict = guard.check(state.step + 1, mean_loss, gnorm) if guard else "ok"
+            verdict = "ok"
+            if guard:
+                gnorm = float(grad_norm) if grad_norm is not None else float("nan")
+                verdict = guard.check(state.step + 1, mean_loss.item(), gnorm)
             if verdict in ("ok", "skip"):
                 if verdict == "ok":
                     optimizer.step()
@@ -611,16 +618,16 @@ def _loop(accelerator, recipe, model, optimizer, scheduler, plateau, train_loade
                 if verdict == "stop":
                     status = "diverged"
                     break
-            if math.isfinite(mean_loss):
-                window["loss"] += mean_loss
-                window["n"] += 1
+            finite = torch.isfinite(mean_loss)
+            window["loss"] += torch.where(finite, mean_loss, 0.0)
+            window["n"] += finite.long()
             if state.step % t.logging_steps == 0 or state.step == total:
-                _log_train(accelerator, log, state, per_epoch, optimizer, window, gnorm, bar)
+                _log_train(accelerator, log, state, per_epoch, optimizer, window, grad_norm, bar)
             if t.eval_steps and state.step % t.eval_steps == 0 and state.step < total:
                 last_eval = _evaluate(accelerator, model, eval_loaders, task_info, state, log,
                                       scheduler if plateau else None, per_epoch)
             if t.save_steps and state.step % t.save_steps == 0 and state.step < total:
-                state.log_loss_sum, state.log_loss_count = window["loss"], window["n"]
+                state.log_loss_sum, state.log_loss_count = float(window["loss"]), int(window["n"])
                 save_checkpoint(accelerator, out, state, t.save_total_limit, scheduler=scheduler)
             if state.step >= total:
                 break
@@ -655,14 +662,16 @@ def peak_memory_bytes(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def _log_train(accelerator, log, state, per_epoch, optimizer, window, gnorm, bar) -> None:
+def _log_train(accelerator, log, state, per_epoch, optimizer, window, grad_norm, bar) -> None:
     elapsed = max(time.perf_counter() - window["t0"], 1e-9)
     n = accelerator.num_processes
-    loss = window["loss"] / window["n"] if window["n"] else float("nan")
+    count = int(window["n"])  # the window's device tensors are read here, once per record
+    loss = float(window["loss"]) / count if count else float("nan")
+    gnorm = float(grad_norm) if grad_norm is not None else float("nan")
     record = {"kind": "train", "step": state.step, "epoch": round(state.step / per_epoch, 4),
               "loss": loss, "lr": group_lrs(optimizer), "grad_norm": gnorm,
               "samples_per_s": window["samples"] * n / elapsed,
-              "tokens_per_s": window["tokens"] * n / elapsed, "time": time.time()}
+              "tokens_per_s": float(window["tokens"]) * n / elapsed, "time": time.time()}
     log.write(record)
     accelerator.log({"train/loss": loss, "train/grad_norm": gnorm,
                      **{f"lr/{k}": v for k, v in record["lr"].items()}}, step=state.step)
@@ -690,15 +699,19 @@ def _evaluate(accelerator, model, eval_loaders, task_info, state, log, plateau_s
     return metrics
 
 
-def save_final_model(model, tokenizer, out: Path, recipe: Recipe) -> None:
-    """Save the model (or LoRA adapter with its trained head) and tokenizer as safetensors."""
+def save_final_model(model, tokenizer, out: Path, recipe: Recipe, state_dict=None) -> None:
+    """Save the model (or LoRA adapter with its trained head) and tokenizer as safetensors.
+
+    `state_dict` is the full one from `accelerator.get_state_dict` (under FSDP or ZeRO-3 the
+    unwrapped model holds only this process's shards); None saves the model's own.
+    """
     config = getattr(model, "config", None)
     if recipe.model.gguf_file and config is not None and hasattr(config, "quantization_config"):
         # GGUF weights are dequantised on load; the saved model is a plain float checkpoint.
         del config.quantization_config
         if hasattr(model, "hf_quantizer"):
             model.hf_quantizer = None
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
 

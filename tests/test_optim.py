@@ -211,9 +211,15 @@ def test_paged_adamw_8bit_falls_back_on_cpu():
     assert optimizer.state[model[1].weight]["state1"].dtype == torch.uint8
 
 
-def test_adamw_is_not_fused_on_cpu():
+def test_adamw_is_fused_on_cpu():
+    # torch has a fused AdamW kernel on CPU (and CUDA): ~6x faster than its default there.
     model = _model()
-    assert build_optimizer(_groups(model), "adamw").defaults["fused"] is None
+    optimizer = build_optimizer(_groups(model), "adamw")
+    assert optimizer.defaults["fused"] is True
+    _set_grads(model)
+    before = model[1].weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(before, model[1].weight)
 
 
 @pytest.mark.parametrize(
