@@ -5,7 +5,6 @@ header, csv/json files, and tiny tokenizers made from a word list.
 """
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -27,36 +26,13 @@ from lrft.data import (
     resolve_path,
     tokenize_classification,
 )
+from lrft.recipe import DataConfig
 
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "glue"
 WORDS = "the a movie film good bad is was great awful not very plot acting fun dull".split()
 
 
-@dataclass
-class Cfg:
-    """Stand-in for lrft.recipe.DataConfig (same fields and defaults)."""
-
-    glue_task: str | None = None
-    path: str | None = None
-    name: str | None = None
-    train_files: list[str] | None = None
-    eval_files: list[str] | None = None
-    train_split: str = "train"
-    eval_split: str | None = None
-    eval_fraction: float | None = None
-    where: dict | None = None
-    text_columns: list[str] | None = None
-    label_column: str = "label"
-    format: str = "text"
-    text_column: str = "text"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    messages_column: str = "messages"
-    max_length: int = 128
-    packing: bool = False
-    group_by_length: bool = True
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+Cfg = DataConfig  # the recipe's data section, built directly in tests
 
 
 @pytest.fixture(autouse=True)
