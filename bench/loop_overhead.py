@@ -19,6 +19,7 @@ host runs ahead of the device), so use `ratio_vs_bare_clip_block_means` there: e
 from its first timed step to a device sync after its last step, per step.
 
 Run:  python bench/loop_overhead.py [--steps 12 --repeats 6 --threads 1]
+      python bench/loop_overhead.py --tiny --steps 60   (the loop's own cost, in ms per step)
       accelerate launch --mixed_precision bf16 bench/loop_overhead.py --steps 100   (GPU)
 """
 
@@ -29,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import GLUE, REPO, iqr, loadavg, median, table, write_result
+from _common import GLUE, MINILM, REPO, iqr, loadavg, median, table, write_result
 
 TARGET = 1.03
 
@@ -62,6 +63,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=48, help="tokens per row in every batch")
+    p.add_argument("--tiny", action="store_true",
+                   help="a 2-layer, hidden-32 BERT with MiniLM's vocabulary instead of MiniLM: "
+                        "steps of a few ms, so the loop's own per-step cost shows in ms")
     a = p.parse_args()
 
     import torch
@@ -73,11 +77,12 @@ def main() -> None:
     from lrft.recipe import load_recipe
 
     out = Path(tempfile.mkdtemp(prefix="lrft-loop-"))
+    model_args = [f"model.name_or_path={_tiny_bert(out / 'tiny-bert')}"] if a.tiny else []
     n_batches = a.steps + 1  # the last request ends the last timed step
     recipe = load_recipe(REPO / "bench/recipes/sst2-minilm.yaml", [
         f"data.path={GLUE}", f"data.max_train_samples={n_batches * a.batch}",
         "data.max_eval_samples=16", f"train.per_device_train_batch_size={a.batch}",
-        f"train.num_threads={a.threads}", f"train.output_dir={out}"])
+        f"train.num_threads={a.threads}", f"train.output_dir={out / 'run'}", *model_args])
     torch.set_num_threads(a.threads)
     accelerator = T._make_accelerator(recipe)
     run = T.build_run(recipe, accelerator)
@@ -154,8 +159,8 @@ def main() -> None:
     print(f"\nlrft / bare+clip: {ratio:.3f} (median of per-rotation ratios {median(paired):.3f}); "
           f"lrft / bare (no clip): {median(times['lrft']) / median(times['bare']):.3f}; "
           f"target <= {TARGET}; load {min(loads)}..{max(loads)}")
-    write_result("loop_overhead", {
-        "config": {"model": "all-MiniLM-L6-v2", "batch": a.batch, "seq_len": a.seq_len,
+    write_result("loop_overhead_tiny" if a.tiny else "loop_overhead", {
+        "config": {"model": "tiny BERT (2 layers, hidden 32)" if a.tiny else "all-MiniLM-L6-v2", "batch": a.batch, "seq_len": a.seq_len,
                    "steps_per_block": a.steps,
                    "warmup_dropped": a.warmup, "repeats": a.repeats, "threads": a.threads,
                    "tokens_per_batch": tokens[:a.steps], "device": str(accelerator.device)},
@@ -168,6 +173,22 @@ def main() -> None:
         "ratio_vs_bare_noclip": median(times["lrft"]) / median(times["bare"]),
         "ratio_vs_bare_noclip_paired_median": median(paired_noclip),
         "target": {"lrft / bare+clip <=": TARGET, "measured": ratio, "pass": ratio <= TARGET}})
+
+
+def _tiny_bert(folder: Path) -> str:
+    """A randomly initialised 2-layer BERT (hidden 32) saved with MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from lrft.recipe import resolve_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_path(MINILM))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    BertModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
 
 
 def _fixed_length(batch: dict, n: int, pad_id: int) -> dict:
