@@ -20,6 +20,9 @@
    adamw_torch_fused). Measured in one process on MiniLM's param groups with fixed random
    gradients: median `optimizer.step()` time of the old construction vs lrft's build_optimizer,
    alternating, --repeats x 2 steps each after a warm-up step.
+4. Lion implementation (lrft/optim.py): lion-pytorch's per-tensor `Lion` (about 5 ops per
+   parameter tensor) replaced by its `lion_pytorch.foreach.Lion` (the same update, state and
+   per-group weight decay, in multi-tensor ops). Measured like 3.
 
 Run:  python bench/fixes.py [--label after]
 """
@@ -102,12 +105,36 @@ def adamw_step(run, repeats: int) -> dict:
     from lrft.optim import build_optimizer
 
     model = run.model
-    g = torch.Generator().manual_seed(0)
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g).to(p.device) * 1e-3
+    _random_grads(model)
     opts = {"before": torch.optim.AdamW(param_groups(model, 5e-5, 0.01), lr=5e-5, fused=None),
             "after": build_optimizer(param_groups(model, 5e-5, 0.01), "adamw", lr=5e-5,
                                      weight_decay=0.01)}
+    return _step_times("AdamW", opts, repeats)
+
+
+def lion_step(run, repeats: int) -> dict:
+    from lion_pytorch import Lion
+
+    from lrft.groups import param_groups
+    from lrft.optim import build_optimizer
+
+    model = run.model
+    _random_grads(model)
+    opts = {"before": Lion(param_groups(model, 5e-5, 0.01), lr=5e-5, weight_decay=0.01),
+            "after": build_optimizer(param_groups(model, 5e-5, 0.01), "lion", lr=5e-5,
+                                     weight_decay=0.01)}
+    return _step_times("Lion", opts, repeats)
+
+
+def _random_grads(model) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g).to(p.device) * 1e-3
+
+
+def _step_times(name: str, opts: dict, repeats: int) -> dict:
     times = {k: [] for k in opts}
     for o in opts.values():
         o.step()
@@ -117,9 +144,10 @@ def adamw_step(run, repeats: int) -> dict:
             opts[k].step()
             times[k].append(time.perf_counter() - t)
     out = {k: {"step_ms_median": median(v) * 1000, "step_s": v,
+               "class": f"{type(opts[k]).__module__}.{type(opts[k]).__name__}",
                "fused": opts[k].defaults.get("fused")} for k, v in times.items()}
     out["speedup"] = out["before"]["step_ms_median"] / out["after"]["step_ms_median"]
-    print(f"AdamW step: before {out['before']['step_ms_median']:.0f} ms, after "
+    print(f"{name} step: before {out['before']['step_ms_median']:.0f} ms, after "
           f"{out['after']['step_ms_median']:.0f} ms ({out['speedup']:.1f}x)")
     return out
 
@@ -160,6 +188,7 @@ def main() -> None:
         e["speedup"] = e["before"]["eval_s_median"] / e["after"]["eval_s_median"]
         print(f"eval speed-up {e['speedup']:.2f}x")
     result["adamw_step"] = adamw_step(run, a.repeats)
+    result["lion_step"] = lion_step(run, a.repeats)
     result["config"] = {"threads": a.threads, "eval_rows": 872, "eval_batch": 64,
                         "repeats": a.repeats}
     write_result("fixes", result)

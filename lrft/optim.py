@@ -96,7 +96,10 @@ def _bnb(cls_name: str, name: str) -> Callable[..., torch.optim.Optimizer]:
 
 
 def _lion(groups: list[dict], kwargs: dict, model: nn.Module | None) -> torch.optim.Optimizer:
-    from lion_pytorch import Lion
+    # lion-pytorch's foreach Lion: the same update as its per-tensor one (same state, same
+    # per-group weight decay), in a few multi-tensor ops per group instead of ~5 ops per tensor:
+    # 1.4x faster on CPU (bench/fixes.py), far fewer kernel launches on a GPU.
+    from lion_pytorch.foreach import Lion
 
     # Without decoupled_weight_decay, lion-pytorch decays each group by p *= 1 - lr_g * wd_g,
     # which respects per-group LRs. Its decoupled mode divides wd by the constructor LR, not the
