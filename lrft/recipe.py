@@ -138,7 +138,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = 1.0
     seed: int = 42
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: the launcher's setting
+    # auto: the launcher's choice if it made one, else bf16 where the hardware has it natively (Ampere+
+    # GPU, AMX CPU), else fp32 (lrft/precision.py); null: the launcher's setting, else fp32
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] | None = "auto"
     eval_steps: int | None = None  # None: evaluate at the end only
     eval_at_start: bool = False  # also evaluate before the first step (a "before" baseline)
     save_steps: int | None = None  # None: no intermediate checkpoints
@@ -325,7 +327,8 @@ def _convert(value: Any, tp) -> Any:
     """Convert a YAML value to the annotated type, or raise _Bad.
 
     Floats accept ints and strings like "5e-5" (PyYAML reads 5e-5 without a dot as a string,
-    the field's most common recipe surprise); nothing else is coerced.
+    the field's most common recipe surprise), and a choice that includes "no" accepts the false
+    that YAML makes of an unquoted `no`; nothing else is coerced.
     """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -336,7 +339,9 @@ def _convert(value: Any, tp) -> Any:
                 continue
         raise _Bad
     if origin is Literal:
-        if value in typing.get_args(tp):
+        if value is False and "no" in typing.get_args(tp):
+            return "no"  # YAML 1.1 reads an unquoted `no` as false: mixed_precision: no
+        if value in typing.get_args(tp) and not isinstance(value, bool):
             return value
         raise _Bad
     if origin is list:

@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -300,15 +300,51 @@ def _make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from lrft.precision import resolve_mixed_precision
+
     t = recipe.train
     report_to = [r for r in recipe.log.report_to if r != "none"]
+    precision, _ = resolve_mixed_precision(t.mixed_precision, _device())
+    _release_precision(precision)
     return Accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        mixed_precision=t.mixed_precision,
+        mixed_precision=precision,
         log_with=report_to or None,
         project_config=ProjectConfiguration(project_dir=t.output_dir,
                                             logging_dir=str(Path(t.output_dir) / "logs")),
     )
+
+
+def _device():
+    """The training device, known before the Accelerator exists (`mixed_precision: auto` needs it).
+
+    The shared process state is created the way `AcceleratorState` creates it (ACCELERATE_USE_CPU
+    forces the CPU), so the Accelerator built next reuses it unchanged.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
+
+
+def _release_precision(precision: str | None) -> None:
+    """Let this run use `precision` after an earlier run in the same process used another.
+
+    Accelerate keeps one precision per process and raises when a second Accelerator asks for a
+    different one; `train()` called twice in a notebook (fp32, then auto) would hit that.
+    """
+    from accelerate.state import AcceleratorState
+
+    earlier = AcceleratorState._shared_state.get("_mixed_precision")
+    wanted = precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # None: the launcher's
+    if earlier is not None and earlier != wanted:
+        AcceleratorState._reset_state()  # the process group (PartialState) is kept
+
+
+def _precision_reason(t) -> str:
+    from lrft.precision import resolve_mixed_precision
+
+    return resolve_mixed_precision(t.mixed_precision, _device())[1]
 
 
 def _load_data(recipe: Recipe, tokenizer):
@@ -388,6 +424,17 @@ class Run:
     trainable_params: int
 
 
+def _model_config_for(recipe: Recipe, accelerator):
+    """The recipe's model section, with the attention kernel that suits the run's precision."""
+    from lrft.precision import attention_for
+
+    attn, why = attention_for(recipe.model.attn_implementation, accelerator.device,
+                              accelerator.mixed_precision, recipe.data.max_length)
+    if why:
+        _print(accelerator, why)
+    return replace(recipe.model, attn_implementation=attn)
+
+
 def build_run(recipe: Recipe, accelerator) -> Run:
     """The phases data -> model (+LoRA) -> param groups -> optimizer, prepared by Accelerate.
 
@@ -414,7 +461,8 @@ def build_run(recipe: Recipe, accelerator) -> Run:
     task_info = _task_info(recipe, data, len(eval_loaders))
 
     # ---- model (+LoRA) --------------------------------------------------------------------
-    model = load_model(recipe.model, recipe.lora,
+    model_cfg = _model_config_for(recipe, accelerator)
+    model = load_model(model_cfg, recipe.lora,
                        num_labels=getattr(data, "num_labels", None),
                        is_regression=getattr(data, "is_regression", False),
                        label_names=getattr(data, "label_names", None),
@@ -473,7 +521,7 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> di
     log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
     _print(accelerator, f"lrft: {recipe.source or 'recipe'} -> {out}  "
                         f"({accelerator.num_processes} process(es), {accelerator.device}, "
-                        f"mixed precision {accelerator.mixed_precision})")
+                        f"mixed precision {accelerator.mixed_precision}: {_precision_reason(t)})")
 
     # ---- data, model (+LoRA), param groups, optimizer ---------------------------------------
     run = build_run(recipe, accelerator)
@@ -514,6 +562,7 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> di
                    "effective_batch_size": accelerator.num_processes
                    * t.per_device_train_batch_size * t.gradient_accumulation_steps,
                    "num_processes": accelerator.num_processes, "trainable_params": run.trainable_params,
+                   "mixed_precision": accelerator.mixed_precision,
                    "lr_note": run.lr_note})
     if accelerator.is_main_process:
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
@@ -526,7 +575,9 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> di
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP/ZeRO-3 shards: every process
     if accelerator.is_main_process:
-        save_final_model(accelerator.unwrap_model(model), run.tokenizer, out, recipe, state_dict)
+        # keep_fp32_wrapper=False: the model as saved, without Accelerate's autocast forward
+        plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        save_final_model(plain, run.tokenizer, out, recipe, state_dict)
         results["output_dir"] = str(out)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
         _print(accelerator, f"saved model and results to {out}")
