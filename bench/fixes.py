@@ -23,8 +23,18 @@
 4. Lion implementation (lrft/optim.py): lion-pytorch's per-tensor `Lion` (about 5 ops per
    parameter tensor) replaced by its `lion_pytorch.foreach.Lion` (the same update, state and
    per-group weight decay, in multi-tensor ops). Measured like 3.
+5. Mixed precision on a CPU with AMX (lrft/precision.py): runs trained in fp32 unless the recipe or
+   the launcher asked for bf16. `train.mixed_precision: auto` (the default) now picks bf16
+   autocast where the hardware has bf16 units, and on a CPU with sequences under 256 tokens loads
+   the model with eager attention, because torch's SDPA flash kernel is slower in bf16 there.
+   Measured in one process: median MiniLM training step (forward, backward, clip 1.0, fused
+   AdamW; batch 32 of real SST-2 rows cut or padded to --seq_len tokens, padding costing the
+   same as text) in fp32 +
+   SDPA (before), bf16 + SDPA (what `mixed_precision: bf16` alone, or the Trainer's bf16=True,
+   gets) and bf16 + eager (after), rotating, --repeats x 3 steps each after a warm-up step; and
+   the attention kernel alone (forward + backward) at MiniLM's and a Llama's head shapes.
 
-Run:  python bench/fixes.py [--label after]
+Run:  python bench/fixes.py [--label after] [--parts precision eval ...]
 """
 
 from __future__ import annotations
@@ -126,6 +136,95 @@ def lion_step(run, repeats: int) -> dict:
     return _step_times("Lion", opts, repeats)
 
 
+def precision_step(run, model_path: str, repeats: int, seq_lens: list[int]) -> dict:
+    """Fix 5: MiniLM training step time in fp32 + SDPA, bf16 + SDPA and bf16 + eager."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lrft.precision import native_bf16
+    from lrft.recipe import resolve_path
+
+    path = resolve_path(model_path)
+    settings = {"fp32+sdpa": ("sdpa", False), "bf16+sdpa": ("sdpa", True),
+                "bf16+eager": ("eager", True)}
+    models = {k: AutoModelForSequenceClassification.from_pretrained(path, num_labels=2,
+                                                                    attn_implementation=attn)
+              for k, (attn, _) in settings.items()}
+    for m in models.values():
+        m.load_state_dict(models["fp32+sdpa"].state_dict())
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=5e-5, fused=True) for k, m in models.items()}
+    rows = next(iter(run.train_loader))
+    out = {"native_bf16": native_bf16(torch.device("cpu"))}
+    for seq_len in seq_lens:
+        batch = _fixed_length(rows, seq_len)
+        times = {k: [] for k in settings}
+
+        def step(k, batch=batch):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings[k][1]):
+                loss = models[k](**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(models[k].parameters(), 1.0)
+            opts[k].step()
+            opts[k].zero_grad()
+
+        for k in settings:
+            step(k)
+        order = list(settings)
+        for r in range(repeats):
+            for k in order[r % 3:] + order[:r % 3]:
+                for _ in range(3):
+                    t = time.perf_counter()
+                    step(k)
+                    times[k].append(time.perf_counter() - t)
+        res = {k: {"step_s_median": median(v), "step_s": v} for k, v in times.items()}
+        res["speedup"] = res["fp32+sdpa"]["step_s_median"] / res["bf16+eager"]["step_s_median"]
+        out[f"seq_{seq_len}"] = res
+        print(f"MiniLM step, batch 32 x {seq_len} tokens: " + ", ".join(
+            f"{k} {res[k]['step_s_median']:.2f}s" for k in settings) +
+            f" ({res['speedup']:.2f}x)", flush=True)
+    out["attention_kernel"] = attention_kernel()
+    return out
+
+
+def _fixed_length(batch: dict, seq_len: int) -> dict:
+    """The batch's rows cut or padded (with the pad id 0 and mask 0) to seq_len tokens."""
+    import torch.nn.functional as F
+
+    out = {}
+    for k, v in batch.items():
+        if v.dim() == 2:
+            v = v[:, :seq_len] if v.shape[1] >= seq_len else F.pad(v, (0, seq_len - v.shape[1]))
+        out[k] = v
+    return out
+
+
+def attention_kernel() -> list[dict]:
+    """SDPA forward + backward, flash vs math kernel, fp32 and bf16, at a few head shapes."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    for b, h, n, d in [(32, 12, 48, 32), (32, 12, 128, 32), (8, 12, 128, 64), (8, 9, 256, 64)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            row = {"batch x heads x tokens x dim": f"{b}x{h}x{n}x{d}", "dtype": str(dtype)[6:]}
+            for name, kernel in (("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)):
+                q, k, v = (torch.randn(b, h, n, d, dtype=dtype, requires_grad=True)
+                           for _ in range(3))
+                mask = torch.zeros(b, 1, n, n, dtype=dtype)  # padded batches carry a mask
+                with sdpa_kernel(kernel):
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+                    ts = []
+                    for _ in range(3):
+                        t = time.perf_counter()
+                        F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+                        ts.append(time.perf_counter() - t)
+                row[f"{name} ms"] = median(ts) * 1000
+            rows.append(row)
+    print(table(rows))
+    return rows
+
+
 def _random_grads(model) -> None:
     import torch
 
@@ -152,13 +251,18 @@ def _step_times(name: str, opts: dict, repeats: int) -> dict:
     return out
 
 
+PARTS = ("syncs", "eval", "adamw", "lion", "precision")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--label", default="after", choices=["before", "after"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--seq_lens", type=int, nargs="+", default=[48, 128],
+                   help="sequence lengths for the precision part")
     a = p.parse_args()
     import torch
 
@@ -174,21 +278,28 @@ def main() -> None:
     previous = RESULTS / "fixes.json"
     result = json.loads(previous.read_text()) if previous.exists() else {}
     result.pop("benchmark", None), result.pop("time", None), result.pop("machine", None)
-    syncs = result.setdefault("host_syncs_per_step", {})
-    syncs[a.label] = count_syncs(T, recipe, accelerator, run, a.steps)
-    syncs["steps_counted"] = a.steps
-    syncs["logging_steps"] = recipe.train.logging_steps
-    print(f"host syncs per step ({a.label}): {syncs[a.label]:.2f}")
-    if not a.skip_eval:
+    if "syncs" in a.parts:
+        syncs = result.setdefault("host_syncs_per_step", {})
+        syncs[a.label] = count_syncs(T, recipe, accelerator, run, a.steps)
+        syncs["steps_counted"] = a.steps
+        syncs["logging_steps"] = recipe.train.logging_steps
+        print(f"host syncs per step ({a.label}): {syncs[a.label]:.2f}")
+    if "eval" in a.parts:
         result["eval_order"] = eval_order(T, recipe, accelerator, run, a.repeats)
         e = result["eval_order"]
         rows = [{"eval order": o, "eval s (median)": v["eval_s_median"], "pad share":
                  v["pad_fraction"], "accuracy": v["accuracy"]} for o, v in e.items()]
         print(table(rows))
         e["speedup"] = e["before"]["eval_s_median"] / e["after"]["eval_s_median"]
+        e["mixed_precision"] = accelerator.mixed_precision
         print(f"eval speed-up {e['speedup']:.2f}x")
-    result["adamw_step"] = adamw_step(run, a.repeats)
-    result["lion_step"] = lion_step(run, a.repeats)
+    if "adamw" in a.parts:
+        result["adamw_step"] = adamw_step(run, a.repeats)
+    if "lion" in a.parts:
+        result["lion_step"] = lion_step(run, a.repeats)
+    if "precision" in a.parts:
+        result["precision_step"] = precision_step(run, recipe.model.name_or_path, a.repeats,
+                                                  a.seq_lens)
     result["config"] = {"threads": a.threads, "eval_rows": 872, "eval_batch": 64,
                         "repeats": a.repeats}
     write_result("fixes", result)

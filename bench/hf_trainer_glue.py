@@ -6,6 +6,8 @@ Two set-ups, as bench/vs_trainer.py compares them:
            per_device_eval_batch_size 8.
   tuned    what a careful user does: no padding at tokenisation, DataCollatorWithPadding,
            train_sampling_strategy="group_by_length", eval batch 64 (lrft's default).
+  --bf16   adds bf16=True (torch autocast, on a GPU or a CPU); the Trainer keeps the model's
+           default SDPA attention.
 
 Run:  python bench/hf_trainer_glue.py --setup tuned --seed 42 --rows 4000 --threads 1 \
           --glue ../shared/glue --model PATH --out runs/x   [--device cuda --bf16]
@@ -36,7 +38,8 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 mixed precision (GPU, or a CPU with AMX bf16 units)")
     a = p.parse_args()
 
     import datasets

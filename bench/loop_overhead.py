@@ -66,6 +66,9 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true",
                    help="a 2-layer, hidden-32 BERT with MiniLM's vocabulary instead of MiniLM: "
                         "steps of a few ms, so the loop's own per-step cost shows in ms")
+    p.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "auto"],
+                   help="the same for all three loops; fp32 (no) by default: the steadiest step "
+                        "on a CPU, and the loop's own host work does not depend on it")
     a = p.parse_args()
 
     import torch
@@ -82,7 +85,8 @@ def main() -> None:
     recipe = load_recipe(REPO / "bench/recipes/sst2-minilm.yaml", [
         f"data.path={GLUE}", f"data.max_train_samples={n_batches * a.batch}",
         "data.max_eval_samples=16", f"train.per_device_train_batch_size={a.batch}",
-        f"train.num_threads={a.threads}", f"train.output_dir={out / 'run'}", *model_args])
+        f"train.num_threads={a.threads}", f"train.output_dir={out / 'run'}",
+        f"train.mixed_precision={a.mixed_precision}", *model_args])
     torch.set_num_threads(a.threads)
     accelerator = T._make_accelerator(recipe)
     run = T.build_run(recipe, accelerator)
@@ -159,11 +163,14 @@ def main() -> None:
     print(f"\nlrft / bare+clip: {ratio:.3f} (median of per-rotation ratios {median(paired):.3f}); "
           f"lrft / bare (no clip): {median(times['lrft']) / median(times['bare']):.3f}; "
           f"target <= {TARGET}; load {min(loads)}..{max(loads)}")
-    write_result("loop_overhead_tiny" if a.tiny else "loop_overhead", {
+    name = "loop_overhead" + ("_tiny" if a.tiny else "") + \
+        ("" if a.mixed_precision == "no" else f"_{a.mixed_precision}")
+    write_result(name, {
         "config": {"model": "tiny BERT (2 layers, hidden 32)" if a.tiny else "all-MiniLM-L6-v2", "batch": a.batch, "seq_len": a.seq_len,
                    "steps_per_block": a.steps,
                    "warmup_dropped": a.warmup, "repeats": a.repeats, "threads": a.threads,
-                   "tokens_per_batch": tokens[:a.steps], "device": str(accelerator.device)},
+                   "tokens_per_batch": tokens[:a.steps], "device": str(accelerator.device),
+                   "mixed_precision": accelerator.mixed_precision},
         "step_times_s": times, "per_rotation_median_s": per_rep, "summary": rows,
         "block_mean_step_s": block_means,
         "ratio_vs_bare_clip_block_means":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every lrft benchmark in sequence; each prints a table and writes bench/results/<name>.json.
-# Takes about 1.5 hours on 2 busy CPU cores (vs_trainer alone ~45 min). Run it on a machine you
+# Takes about 1 h 45 min on 2 CPU cores (vs_trainer alone ~55 min). Run it on a machine you
 # are not using for anything else: the benchmarks time each other otherwise.
 #   bash bench/run_all.sh
 set -euo pipefail

@@ -12,8 +12,10 @@ is noisy, and 2 threads or 2 processes only pay when both cores are free.
 
 Part 2, one process (--threads): median time of one full training step (forward, backward, clip,
 lrft's AdamW step, zero_grad) of MiniLM on random tokens of a fixed length (no padding), for sequence
-lengths 32/64/128/256 at batch 32 and batch sizes 8/16/32/64 at length 128, round-robin over the
-shapes --repeats times after one warm-up step each.
+lengths 32/64/128/256 at batch 32 and batch sizes 8/16/32/64 at length 128, in fp32 and, where the
+hardware has bf16 units, as `train.mixed_precision: auto` runs it (bf16 autocast, with the attention
+kernel lrft.precision picks for the length), round-robin over the cases --repeats times after one
+warm-up step each.
 
 Run:  python bench/scaling.py [--rows 480 --repeats 2 --threads 1]
       python bench/scaling.py --skip-processes   (part 2 only; part 1 kept from the last run)
@@ -67,50 +69,70 @@ def processes(rows: int, repeats: int, workdir: Path) -> list[dict]:
 
 
 def shapes(threads: int, repeats: int, device: str) -> list[dict]:
+    """Part 2: step time per shape, in fp32 and as lrft's `mixed_precision: auto` runs it."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from lrft.groups import param_groups
+    from lrft.optim import build_optimizer
+    from lrft.precision import attention_for, native_bf16
     from lrft.recipe import resolve_path
 
     torch.set_num_threads(threads)
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_path(MINILM), num_labels=2)
-    model.to(device).train()
-    from lrft.groups import param_groups
-    from lrft.optim import build_optimizer
-
-    opt = build_optimizer(param_groups(model, 5e-5, 0.01), "adamw", lr=5e-5, weight_decay=0.01)
+    dev = torch.device(device)
+    # "auto": bf16 autocast where the hardware has bf16 units, with the attention lrft then loads
+    settings = {"fp32": (None, False)}
+    if native_bf16(dev):
+        settings["auto (bf16)"] = (None, True)
+    models, opts = {}, {}
+    for name, (_, bf16) in settings.items():
+        attn = {}
+        for seq_len in SEQ_LENS:  # attention_for depends on the length: one model per choice
+            chosen, _ = attention_for(None, dev, "bf16" if bf16 else "no", seq_len)
+            attn[seq_len] = chosen or "sdpa"
+        for impl in set(attn.values()):
+            m = AutoModelForSequenceClassification.from_pretrained(
+                resolve_path(MINILM), num_labels=2, attn_implementation=impl).to(dev).train()
+            models[name, impl] = m
+            opts[name, impl] = build_optimizer(param_groups(m, 5e-5, 0.01), "adamw", lr=5e-5,
+                                               weight_decay=0.01)
+        settings[name] = (attn, bf16)
     grid = [(32, s) for s in SEQ_LENS] + [(b, 128) for b in BATCHES if b != 32]
     g = torch.Generator().manual_seed(0)
     data = {(b, s): {"input_ids": torch.randint(1000, 30000, (b, s), generator=g),
                      "attention_mask": torch.ones(b, s, dtype=torch.long),
                      "labels": torch.randint(0, 2, (b,), generator=g)} for b, s in grid}
-    data = {k: {n: x.to(device) for n, x in v.items()} for k, v in data.items()}
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    data = {k: {n: x.to(dev) for n, x in v.items()} for k, v in data.items()}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
-    def step(batch) -> float:
+    def step(name: str, shape: tuple[int, int]) -> float:
+        attn, bf16 = settings[name]
+        model, opt = models[name, attn[shape[1]]], opts[name, attn[shape[1]]]
         sync()
         t = time.perf_counter()
-        model(**batch).loss.backward()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**data[shape]).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
         sync()
         return time.perf_counter() - t
 
-    for shape in grid:
-        step(data[shape])  # warm-up
-    times = {shape: [] for shape in grid}
+    cases = [(name, shape) for shape in grid for name in settings]
+    for case in cases:
+        step(*case)  # warm-up
+    times = {case: [] for case in cases}
     for r in range(repeats):
-        for shape in grid[r % len(grid):] + grid[:r % len(grid)]:
-            times[shape].append(step(data[shape]))
+        for case in cases[r % len(cases):] + cases[:r % len(cases)]:
+            times[case].append(step(*case))
         print(f"shapes rotation {r + 1}: load {loadavg()[0]}", flush=True)
     rows = []
-    ref = median(times[(32, 128)])
-    for (b, s), ts in times.items():
-        m = median(ts)
-        rows.append({"batch": b, "seq_len": s, "tokens": b * s, "step ms": m * 1000,
-                     "x vs 32x128": m / ref, "samples/s": b / m, "tokens/s": b * s / m,
-                     "step_times_s": ts})
+    for (name, (b, s)), ts in times.items():
+        m, ref = median(ts), median(times[name, (32, 128)])
+        rows.append({"precision": name, "attention": settings[name][0][s], "batch": b,
+                     "seq_len": s, "tokens": b * s, "step ms": m * 1000, "x vs 32x128": m / ref,
+                     "samples/s": b / m, "tokens/s": b * s / m, "step_times_s": ts})
     return rows
 
 
@@ -143,8 +165,8 @@ def main() -> None:
         print(table(proc_rows))
     shape_rows = shapes(a.threads, a.shape_repeats, a.device)
     print()
-    print(table(shape_rows, ["batch", "seq_len", "tokens", "step ms", "x vs 32x128",
-                             "samples/s", "tokens/s"]))
+    print(table(shape_rows, ["precision", "attention", "batch", "seq_len", "tokens", "step ms",
+                             "x vs 32x128", "samples/s", "tokens/s"]))
     print(f"\nload {loadavg()}")
     write_result("scaling", {"config": {"rows": a.rows, "repeats": a.repeats, "threads": a.threads,
                                         "shape_repeats": a.shape_repeats, "per_device_batch": 32,

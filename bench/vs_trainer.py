@@ -2,16 +2,19 @@
 
 The fine-tune (bench/recipes/sst2-minilm.yaml): MiniLM, N seeded SST-2 train rows, 1 epoch,
 batch 32, AdamW lr 5e-5, linear decay, clip 1.0, evaluation on the full dev set (872 rows),
-final model saved. Three variants, each a fresh process through its real entry point:
-  lrft     `python -m lrft.cli train bench/recipes/sst2-minilm.yaml ...`
-  tuned    bench/hf_trainer_glue.py --setup tuned    (dynamic padding + group_by_length)
-  default  bench/hf_trainer_glue.py --setup default  (run_glue.py: padded to max_length 128)
-For each seed the three run back to back, the order rotating from seed to seed; wall time is
-measured by this script around the process (imports, data, model, train, eval, save). Both
-sides get the same torch thread count (--threads). Ratios are per seed (same load moment),
-then the median.
+final model saved. Variants, each a fresh process through its real entry point:
+  lrft        `python -m lrft.cli train bench/recipes/sst2-minilm.yaml ...`, lrft's defaults
+              (train.mixed_precision: auto, i.e. bf16 autocast on a CPU with AMX or an Ampere+ GPU)
+  lrft_fp32   the same with train.mixed_precision=no (lrft before `auto`; like for like with tuned)
+  tuned       bench/hf_trainer_glue.py --setup tuned    (dynamic padding + group_by_length)
+  default     bench/hf_trainer_glue.py --setup default  (run_glue.py: padded to max_length 128)
+  tuned_bf16  tuned with bf16=True, which a user who knows the hardware has bf16 units would add
+For each seed the variants run back to back, the order rotating from seed to seed; wall time is
+measured by this script around the process (imports, data, model, train, eval, save). Every
+side gets the same torch thread count (--threads). Ratios are per seed (same load moment), then
+the median.
 
-Run:  python bench/vs_trainer.py                     (4,000 rows x 3 seeds, 1 thread: ~45 min)
+Run:  python bench/vs_trainer.py                     (4,000 rows x 3 seeds, 1 thread: ~55 min)
       python bench/vs_trainer.py --rows 2000 --variants lrft tuned     (quicker)
       python bench/vs_trainer.py --device cuda --bf16                  (on a GPU machine)
 """
@@ -28,21 +31,24 @@ from pathlib import Path
 
 from _common import GLUE, MINILM, REPO, iqr, loadavg, median, table, write_result
 
-VARIANTS = ("lrft", "tuned", "default")
+VARIANTS = ("lrft", "tuned", "default", "tuned_bf16", "lrft_fp32")
 
 
-def run_lrft(rows: int, seed: int, threads: int, out: Path, device: str, bf16: bool) -> dict:
+def run_lrft(rows: int, seed: int, threads: int, out: Path, device: str,
+             precision: str | None) -> dict:
     cmd = [sys.executable, "-m", "lrft.cli", "train", "bench/recipes/sst2-minilm.yaml",
            f"data.path={GLUE}", f"data.max_train_samples={rows}", f"train.seed={seed}",
            f"train.num_threads={threads}", f"train.output_dir={out}"]
-    if bf16:
-        cmd.append("train.mixed_precision=bf16")
+    if precision:
+        cmd.append(f"train.mixed_precision={precision}")
     # Accelerate picks the GPU when there is one; ACCELERATE_USE_CPU=1 keeps a cpu run on it.
     wall = _timed(cmd, out.with_suffix(".log"),
                   env={"ACCELERATE_USE_CPU": "1"} if device == "cpu" else {})
     res = json.loads((out / "results.json").read_text())
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     return {"wall_s": wall, "train_s": res["train_time_s"], "accuracy": res["final"]["accuracy"],
-            "train_samples_per_s": rows / res["train_time_s"]}
+            "train_samples_per_s": rows / res["train_time_s"],
+            "mixed_precision": start["mixed_precision"]}
 
 
 def run_trainer(setup: str, rows: int, seed: int, threads: int, out: Path, device: str,
@@ -59,7 +65,7 @@ def run_trainer(setup: str, rows: int, seed: int, threads: int, out: Path, devic
     line = [x for x in log.read_text().splitlines() if x.startswith("RESULT ")][-1]
     res = json.loads(line[len("RESULT "):])
     return {"wall_s": wall, "train_s": res["train_s"], "accuracy": res["accuracy"],
-            "train_samples_per_s": rows / res["train_s"]}
+            "train_samples_per_s": rows / res["train_s"], "mixed_precision": "bf16" if bf16 else "no"}
 
 
 def _timed(cmd: list[str], log: Path, env: dict | None = None) -> float:
@@ -82,7 +88,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--workdir", default="/tmp/lrft-bench/vs_trainer")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision on both sides (GPU)")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision on every side")
     a = p.parse_args()
 
     runs = []
@@ -91,8 +97,12 @@ def main() -> None:
         for v in order:
             out = Path(a.workdir) / f"{v}-s{seed}"
             before = loadavg()
-            r = (run_lrft(a.rows, seed, a.threads, out, a.device, a.bf16) if v == "lrft"
-                 else run_trainer(v, a.rows, seed, a.threads, out, a.device, a.bf16))
+            if v.startswith("lrft"):
+                precision = "no" if v == "lrft_fp32" else "bf16" if a.bf16 else None
+                r = run_lrft(a.rows, seed, a.threads, out, a.device, precision)
+            else:
+                setup, bf16 = v.removesuffix("_bf16"), a.bf16 or v.endswith("_bf16")
+                r = run_trainer(setup, a.rows, seed, a.threads, out, a.device, bf16)
             r.update(variant=v, seed=seed, loadavg=before)
             runs.append(r)
             print(f"seed {seed} {v:8s} wall {r['wall_s']:7.1f}s train {r['train_s']:7.1f}s "
@@ -112,7 +122,8 @@ def summarise(a, runs: list[dict], final: bool = True) -> None:
     rows = []
     for v in a.variants:
         rs = [by[v][s] for s in seeds]
-        rows.append({"variant": v, "wall_s (median)": median([r["wall_s"] for r in rs]),
+        rows.append({"variant": v, "precision": "/".join(sorted({r["mixed_precision"] for r in rs})),
+                     "wall_s (median)": median([r["wall_s"] for r in rs]),
                      "train_s (median)": median([r["train_s"] for r in rs]),
                      "train samples/s": median([r["train_samples_per_s"] for r in rs]),
                      "dev acc (mean)": sum(r["accuracy"] for r in rs) / len(rs),
