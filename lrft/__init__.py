@@ -31,6 +31,8 @@ _EXPORTS = {
     "diagnose": "lrft.doctor",
     "DivergenceGuard": "lrft.guard",
     "train": "lrft.train",
+    "resolve_mixed_precision": "lrft.precision",
+    "native_bf16": "lrft.precision",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -197,3 +197,10 @@ def test_auto_without_bf16_hardware_trains_in_fp32(tmp_path, tiny_bert, tiny_glu
     records, model, _ = _train(tmp_path, tiny_bert, tiny_glue, monkeypatch, "run")
     assert records[0]["mixed_precision"] == "no"
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_the_helpers_are_exported():
+    import lrft
+
+    assert lrft.resolve_mixed_precision is resolve_mixed_precision
+    assert lrft.native_bf16 is native_bf16
