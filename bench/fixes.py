@@ -273,7 +273,7 @@ def main() -> None:
     recipe = load_recipe(REPO / "bench/recipes/sst2-minilm.yaml", [
         f"data.path={GLUE}", f"data.max_train_samples={32 * a.steps}",
         f"train.num_threads={a.threads}", f"train.output_dir={tempfile.mkdtemp()}"])
-    accelerator = T._make_accelerator(recipe)
+    accelerator, _ = T._make_accelerator(recipe)
     run = T.build_run(recipe, accelerator)
     previous = RESULTS / "fixes.json"
     result = json.loads(previous.read_text()) if previous.exists() else {}

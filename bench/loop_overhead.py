@@ -88,7 +88,7 @@ def main() -> None:
         f"train.num_threads={a.threads}", f"train.output_dir={out / 'run'}",
         f"train.mixed_precision={a.mixed_precision}", *model_args])
     torch.set_num_threads(a.threads)
-    accelerator = T._make_accelerator(recipe)
+    accelerator, _ = T._make_accelerator(recipe)
     run = T.build_run(recipe, accelerator)
     model, optimizer = run.model, run.optimizer
     # Every batch cut or padded to --seq_len tokens, so every step does the same work and the

@@ -81,22 +81,17 @@ def shapes(threads: int, repeats: int, device: str) -> list[dict]:
     torch.set_num_threads(threads)
     dev = torch.device(device)
     # "auto": bf16 autocast where the hardware has bf16 units, with the attention lrft then loads
-    settings = {"fp32": (None, False)}
-    if native_bf16(dev):
-        settings["auto (bf16)"] = (None, True)
+    # for each length (so one model per attention kernel used)
+    precisions = {"fp32": False, **({"auto (bf16)": True} if native_bf16(dev) else {})}
+    attn = {(name, s): attention_for(None, dev, "bf16" if bf16 else "no", s)[0] or "sdpa"
+            for name, bf16 in precisions.items() for s in SEQ_LENS}
     models, opts = {}, {}
-    for name, (_, bf16) in settings.items():
-        attn = {}
-        for seq_len in SEQ_LENS:  # attention_for depends on the length: one model per choice
-            chosen, _ = attention_for(None, dev, "bf16" if bf16 else "no", seq_len)
-            attn[seq_len] = chosen or "sdpa"
-        for impl in set(attn.values()):
-            m = AutoModelForSequenceClassification.from_pretrained(
-                resolve_path(MINILM), num_labels=2, attn_implementation=impl).to(dev).train()
-            models[name, impl] = m
-            opts[name, impl] = build_optimizer(param_groups(m, 5e-5, 0.01), "adamw", lr=5e-5,
-                                               weight_decay=0.01)
-        settings[name] = (attn, bf16)
+    for key in {(name, impl) for (name, _), impl in attn.items()}:
+        m = AutoModelForSequenceClassification.from_pretrained(
+            resolve_path(MINILM), num_labels=2, attn_implementation=key[1]).to(dev).train()
+        models[key] = m
+        opts[key] = build_optimizer(param_groups(m, 5e-5, 0.01), "adamw", lr=5e-5,
+                                    weight_decay=0.01)
     grid = [(32, s) for s in SEQ_LENS] + [(b, 128) for b in BATCHES if b != 32]
     g = torch.Generator().manual_seed(0)
     data = {(b, s): {"input_ids": torch.randint(1000, 30000, (b, s), generator=g),
@@ -106,11 +101,11 @@ def shapes(threads: int, repeats: int, device: str) -> list[dict]:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step(name: str, shape: tuple[int, int]) -> float:
-        attn, bf16 = settings[name]
-        model, opt = models[name, attn[shape[1]]], opts[name, attn[shape[1]]]
+        key = (name, attn[name, shape[1]])
+        model, opt = models[key], opts[key]
         sync()
         t = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precisions[name]):
             loss = model(**data[shape]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -119,7 +114,7 @@ def shapes(threads: int, repeats: int, device: str) -> list[dict]:
         sync()
         return time.perf_counter() - t
 
-    cases = [(name, shape) for shape in grid for name in settings]
+    cases = [(name, shape) for shape in grid for name in precisions]
     for case in cases:
         step(*case)  # warm-up
     times = {case: [] for case in cases}
@@ -130,7 +125,7 @@ def shapes(threads: int, repeats: int, device: str) -> list[dict]:
     rows = []
     for (name, (b, s)), ts in times.items():
         m, ref = median(ts), median(times[name, (32, 128)])
-        rows.append({"precision": name, "attention": settings[name][0][s], "batch": b,
+        rows.append({"precision": name, "attention": attn[name, s], "batch": b,
                      "seq_len": s, "tokens": b * s, "step ms": m * 1000, "x vs 32x128": m / ref,
                      "samples/s": b / m, "tokens/s": b * s / m, "step_times_s": ts})
     return rows

@@ -408,7 +408,7 @@ def find_lr_for_recipe(recipe_path: str | Path, overrides: list[str] | None = No
     recipe = load_recipe(recipe_path, overrides)
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
-    accelerator = _make_accelerator(recipe)
+    accelerator, _ = _make_accelerator(recipe)
     set_seed(recipe.train.seed)
     run = build_run(recipe, accelerator)
     out = Path(recipe.train.output_dir) / "find_lr"

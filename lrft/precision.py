@@ -8,7 +8,7 @@ multiplies run ~4x faster than fp32 (bench/fixes.py). fp16 is never picked autom
 loss scaling and overflows where bf16 does not. Weights, gradients and optimizer state stay fp32
 under autocast; only the forward/backward matmuls run in bf16.
 
-On CPU one kernel spoils the gain: torch's SDPA "flash" kernel is ~5x slower in bf16 than in fp32
+On CPU one kernel spoils the gain: torch's SDPA "flash" kernel is 2-6x slower in bf16 than in fp32
 on short sequences (its backward, at MiniLM's 12 heads x 32 dims, 48-128 tokens), slower than
 transformers' plain ("eager") attention, whose batched matmuls use the bf16 units. It wins again from
 about 256 tokens. So a CPU bf16 run with short sequences loads the model with eager attention
@@ -22,7 +22,8 @@ import os
 import torch
 
 # Below this many tokens per sequence, eager attention beats SDPA's flash kernel on a CPU in bf16
-# (measured torch 2.13: 48 tokens 30 vs 134 ms, 128 tokens 45 vs 80 ms; 256 tokens 131 vs 98 ms).
+# (torch 2.13, forward + backward, bench/fixes.py: MiniLM's heads at 48 tokens 24 vs 113 ms and at
+# 128 tokens 103 vs 175 ms; at 256 tokens flash wins, 83 vs 63 ms for SmolLM2's heads).
 CPU_BF16_EAGER_BELOW = 256
 
 
@@ -67,7 +68,7 @@ def attention_for(asked: str | None, device: torch.device, mixed_precision: str 
         asked: `model.attn_implementation`; when set it is used as is.
         device: the training device.
         mixed_precision: the resolved precision (see `resolve_mixed_precision`).
-        max_tokens: the longest sequence a batch can hold (`data.max_length` or `data.block_size`).
+        max_tokens: the longest sequence a batch can hold (`data.max_length`).
     """
     if asked or device.type != "cpu" or mixed_precision != "bf16":
         return asked, None

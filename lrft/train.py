@@ -297,6 +297,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _make_accelerator(recipe: Recipe):
+    """The run's Accelerator, and a sentence saying why it got its mixed precision."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -304,15 +305,16 @@ def _make_accelerator(recipe: Recipe):
 
     t = recipe.train
     report_to = [r for r in recipe.log.report_to if r != "none"]
-    precision, _ = resolve_mixed_precision(t.mixed_precision, _device())
+    precision, why = resolve_mixed_precision(t.mixed_precision, _device())
     _release_precision(precision)
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=precision,
         log_with=report_to or None,
         project_config=ProjectConfiguration(project_dir=t.output_dir,
                                             logging_dir=str(Path(t.output_dir) / "logs")),
     )
+    return accelerator, why
 
 
 def _device():
@@ -339,12 +341,6 @@ def _release_precision(precision: str | None) -> None:
     wanted = precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # None: the launcher's
     if earlier is not None and earlier != wanted:
         AcceleratorState._reset_state()  # the process group (PartialState) is kept
-
-
-def _precision_reason(t) -> str:
-    from lrft.precision import resolve_mixed_precision
-
-    return resolve_mixed_precision(t.mixed_precision, _device())[1]
 
 
 def _load_data(recipe: Recipe, tokenizer):
@@ -513,7 +509,7 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> di
     # ---- accelerator ----------------------------------------------------------------------
     from accelerate.utils import set_seed
 
-    accelerator = _make_accelerator(recipe)
+    accelerator, precision_why = _make_accelerator(recipe)
     set_seed(t.seed)
     out = Path(t.output_dir)
     resume_dir = prepare_output_dir(recipe, accelerator.is_main_process)
@@ -521,7 +517,7 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> di
     log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
     _print(accelerator, f"lrft: {recipe.source or 'recipe'} -> {out}  "
                         f"({accelerator.num_processes} process(es), {accelerator.device}, "
-                        f"mixed precision {accelerator.mixed_precision}: {_precision_reason(t)})")
+                        f"mixed precision {accelerator.mixed_precision}: {precision_why})")
 
     # ---- data, model (+LoRA), param groups, optimizer ---------------------------------------
     run = build_run(recipe, accelerator)
