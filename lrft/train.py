@@ -466,6 +466,10 @@ def build_run(recipe: Recipe, accelerator) -> Run:
     trainable, total_params = count_parameters(model)
     _print(accelerator, f"model: {type(model).__name__}, {trainable:,} of {total_params:,} "
                         f"parameters trainable")
+    if model_cfg.dtype in ("bfloat16", "float16"):
+        _print(accelerator, f"model.dtype {model_cfg.dtype}: trainable weights and optimizer "
+                            f"state kept in fp32 (master weights), frozen weights in "
+                            f"{model_cfg.dtype}")
 
     # ---- param groups ---------------------------------------------------------------------
     from lrft.groups import format_group_table, param_groups
