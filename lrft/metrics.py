@@ -5,9 +5,9 @@ scipy underneath), loaded with `evaluate.load(<file>, config_name)`, so nothing 
 Hub. Metric names are a GLUE task (`cola` ... `wnli`, `mnli_matched`, `mnli_mismatched`),
 `classification` (accuracy, macro-F1) or `regression` (Pearson, Spearman).
 
-The single number used to pick the best checkpoint follows the GLUE leaderboard: the mean of F1 and
-accuracy for MRPC/QQP, the mean of Pearson and Spearman for STS-B (and any regression), Matthews
-correlation for CoLA, accuracy otherwise; on a 0..1 scale.
+A task's score, the single number best checkpoints are picked on, follows the GLUE leaderboard
+(`lrft.glue`): the mean of F1 and accuracy for MRPC/QQP, of Pearson and Spearman for STS-B (and
+any regression), Matthews correlation for CoLA, accuracy otherwise; on a 0..1 scale.
 """
 
 from __future__ import annotations
@@ -19,45 +19,38 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lrft import glue
+
 if TYPE_CHECKING:
     import evaluate
 
 METRIC_MODULE = Path(__file__).resolve().parent / "metrics_glue" / "glue.py"
 
-GLUE_METRIC_NAMES = (
-    "cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte",
-    "wnli",
-)
+# Configs of the metric module: every GLUE task, MNLI's two splits, and two for other data.
+GLUE_METRIC_NAMES = (*glue.NAMES, "mnli_matched", "mnli_mismatched")
 METRIC_NAMES = GLUE_METRIC_NAMES + ("classification", "regression")
-
-# tasks whose leaderboard score is the mean of two metrics, and which two
-_COMBINED = {
-    "mrpc": ("f1", "accuracy"),
-    "qqp": ("f1", "accuracy"),
-    "stsb": ("pearson", "spearmanr"),
-    "regression": ("pearson", "spearmanr"),
-}
-_REGRESSION = {"stsb", "regression"}
-
-
-def metric_name(task: str | None, is_regression: bool = False) -> str:
-    """Name of the metric config for a data set.
-
-    Args:
-        task: a GLUE task name, or None for other data.
-        is_regression: whether non-GLUE labels are real-valued.
-
-    Returns:
-        `task` itself for GLUE, else `regression` or `classification`.
-    """
-    if task is not None:
-        return task
-    return "regression" if is_regression else "classification"
+_OTHER_SCORES = {"classification": ("accuracy",), "regression": ("pearson", "spearmanr")}
 
 
 def _check_name(task: str) -> None:
     if task not in METRIC_NAMES:
         raise ValueError(f"unknown metric task {task!r}; expected one of: {', '.join(METRIC_NAMES)}")
+
+
+def score_metrics(task: str) -> tuple[str, ...]:
+    """The metrics whose mean is a task's score (see the module docstring).
+
+    Raises:
+        ValueError: not a metric name.
+    """
+    _check_name(task)
+    if task in _OTHER_SCORES:
+        return _OTHER_SCORES[task]
+    return glue.TASKS[task.split("_")[0]].metrics
+
+
+def is_regression(task: str) -> bool:
+    return task in ("stsb", "regression")
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +76,7 @@ def load_metric(task: str) -> "evaluate.EvaluationModule":
 def _as_predictions(task: str, predictions) -> np.ndarray:
     # Accept logits (n, num_labels) as well as class ids; regression heads give (n, 1).
     predictions = np.asarray(predictions)
-    if task in _REGRESSION:
+    if is_regression(task):
         return predictions.reshape(-1).astype(np.float32)
     if predictions.ndim == 2:
         return predictions.argmax(-1)
@@ -94,7 +87,7 @@ def compute_metrics(task: str, predictions, references) -> dict[str, float]:
     """Score predictions for a task.
 
     Args:
-        task: a GLUE task, `classification` or `regression` (see `metric_name`).
+        task: a GLUE task, `classification` or `regression`.
         predictions: class ids or logits of shape (n, num_labels); scores for regression.
         references: gold labels, same length.
 
@@ -111,47 +104,29 @@ def compute_metrics(task: str, predictions, references) -> dict[str, float]:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     scores = load_metric(task).compute(predictions=predictions, references=references)
-    if task in _COMBINED:
+    if len(score_metrics(task)) > 1:
         scores["combined_score"] = glue_score(task, scores)
     return scores
 
 
 def main_metric(task: str) -> str:
-    """Key of `compute_metrics(task, ...)` used to rank checkpoints (higher is better).
-
-    Args:
-        task: a GLUE task, `classification` or `regression`.
+    """The key of `compute_metrics(task, ...)` that holds the task's score (higher is better).
 
     Returns:
-        `matthews_correlation` for CoLA, `combined_score` for MRPC/QQP/STS-B/regression,
-        `accuracy` otherwise.
+        The score metric itself (`matthews_correlation` for CoLA, `accuracy` for most), or
+        `combined_score` for a task scored by the mean of two (MRPC, QQP, STS-B, regression).
     """
-    _check_name(task)
-    if task == "cola":
-        return "matthews_correlation"
-    if task in _COMBINED:
-        return "combined_score"
-    return "accuracy"
+    names = score_metrics(task)
+    return names[0] if len(names) == 1 else "combined_score"
 
 
 def glue_score(task: str, metrics: dict[str, float]) -> float:
-    """The task's single leaderboard number, on a 0..1 scale.
-
-    Args:
-        task: a GLUE task, `classification` or `regression`.
-        metrics: scores as returned by the metric module (`combined_score` not needed).
-
-    Returns:
-        Mean of the two scores for MRPC/QQP (F1, accuracy) and STS-B (Pearson, Spearman);
-        otherwise the `main_metric` score.
+    """A task's score from one split's metrics, on a 0..1 scale: the mean of `score_metrics`.
 
     Raises:
-        KeyError: a score the task needs is missing from `metrics`.
+        KeyError: a metric the task needs is missing from `metrics`.
     """
-    if task in _COMBINED:
-        first, second = _COMBINED[task]
-        return (metrics[first] + metrics[second]) / 2
-    return metrics[main_metric(task)]
+    return glue.split_score(score_metrics(task), metrics)
 
 
 def perplexity(mean_loss: float) -> float:

@@ -14,17 +14,20 @@ This module imports neither torch nor transformers: ``lrft check`` and the CLI's
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import math
-import reprlib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from lrft.config import (ConversionError, build_dataclass, parse_override, resolve_bases,
+                         resolve_path, suggest)
+from lrft.errors import RecipeError
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "dump_recipe", "resolve_path", "SECTIONS"]
 
 # The names the recipe accepts for optimizers and schedules. lrft.optim and lrft.schedule own the
 # implementations; tests/test_recipe.py asserts these tuples equal their registries.
@@ -40,17 +43,6 @@ EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "lion_8bit")
 # Optimizers that read adam_beta1/adam_beta2 (Lion calls its two coefficients betas too).
 BETA_OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adam", "lion", "lion_8bit")
 EPS_OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adam", "rmsprop", "adagrad")
-
-
-class RecipeError(ValueError):
-    """One or more problems in a recipe; ``problems`` lists them, ``str()`` shows them all."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
-        self.source = source
-        where = f" in {source}" if source else ""
-        lines = [f"{len(self.problems)} problem(s){where}:"] + [f"  - {p}" for p in self.problems]
-        super().__init__("\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,6 +72,9 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str | None = None  # GLUE: validation (mnli: matched + mismatched)
     eval_fraction: float | None = None  # hold out this share of train when there is no eval split
+    # Hold out this share of train as a `holdout` split, evaluated beside the dev split but never
+    # part of the run's score: `lrft compare` can pick each optimizer's LR on it (honest selection).
+    holdout_fraction: float | None = None
     where: dict[str, Any] | None = None  # keep rows whose column equals the value
     text_columns: list[str] | None = None  # classification: 1 or 2 text columns
     label_column: str = "label"
@@ -207,231 +202,20 @@ def _sections(cls) -> list[dataclasses.Field]:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading YAML and inheriting bases
+# Loading: YAML -> bases -> overrides -> typed sections -> validation (lrft.config does the I/O)
 # --------------------------------------------------------------------------------------------
-
-def _read_yaml(path: Path, problems: list[str]) -> dict | None:
-    """Read one YAML mapping with the safe loader; report, don't raise."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        problems.append(f"{path}: no such recipe file")
-        return None
-    except UnicodeDecodeError as e:  # before ValueError, its base class
-        problems.append(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8")
-        return None
-    except (OSError, ValueError) as e:  # a directory, no permission, a symlink loop, a NUL byte
-        problems.append(f"{path}: cannot read ({e.__class__.__name__})")
-        return None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        detail = str(e).replace("\n", " ")
-        problems.append(f"{path}: not valid YAML ({detail})")
-        return None
-    except RecursionError:  # PyYAML composes nested collections recursively
-        problems.append(f"{path}: nested too deeply to be a recipe")
-        return None
-    if data is None:
-        problems.append(f"{path}: the recipe is empty; start from recipes/bert/standard.yaml")
-        return None
-    if not isinstance(data, dict):
-        problems.append(f"{path}: a recipe is a mapping of sections (model:, data:, ...), "
-                        f"got a {type(data).__name__}")
-        return None
-    return data
-
-
-def _merge(base: dict, top: dict) -> dict:
-    """Deep-merge two recipe mappings; `top` wins, sections merge key by key."""
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key in SECTIONS:
-            out[key] = {**out[key], **value}
-        else:
-            out[key] = value
-    return out
-
-
-def _resolve(path: Path, problems: list[str], seen: tuple[Path, ...] = ()) -> dict | None:
-    """Read `path` and everything it inherits through `base:` (relative to the file)."""
-    try:
-        path = path.resolve()
-    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte in the name
-        problems.append(f"{path}: not a usable path ({e.__class__.__name__})")
-        return None
-    if path in seen:
-        chain = " -> ".join(str(p) for p in (*seen, path))
-        problems.append(f"base: inheritance cycle: {chain}")
-        return None
-    data = _read_yaml(path, problems)
-    if data is None:
-        return None
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        problems.append(f"base: expected a path to another recipe, got {_show(base)}")
-        return data
-    parent = _resolve(path.parent / base, problems, (*seen, path))
-    return data if parent is None else _merge(parent, data)
-
-
-# --------------------------------------------------------------------------------------------
-# Typed conversion
-# --------------------------------------------------------------------------------------------
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-class _Bad(Exception):
-    pass
-
-
-_REPR = reprlib.Repr()  # bounded: a YAML alias bomb or a long value must not flood the message
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlevel = 3
-
-
-def _show(value: Any) -> str:
-    return _REPR.repr(value)
-
-
-def _is_tree(value: Any, max_nodes: int = 10_000, max_depth: int = 32) -> bool:
-    """Nested mappings/lists small enough to copy and print: YAML anchors can build cycles
-    (`&a {x: *a}`) and alias bombs, which would hang or overflow `to_dict` and `lrft check`."""
-    stack, nodes = [(value, 0)], 0
-    while stack:
-        item, depth = stack.pop()
-        nodes += 1
-        if nodes > max_nodes or depth > max_depth:
-            return False
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        stack.extend((child, depth + 1) for child in children)
-    return True
-
-
-def _convert(value: Any, tp) -> Any:
-    """Convert a YAML value to the annotated type, or raise _Bad.
-
-    Floats accept ints and strings like "5e-5" (PyYAML reads 5e-5 without a dot as a string,
-    the field's most common recipe surprise), and a choice that includes "no" accepts the false
-    that YAML makes of an unquoted `no`; nothing else is coerced.
-    """
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _convert(value, arg)
-            except _Bad:
-                continue
-        raise _Bad
-    if origin is Literal:
-        if value is False and "no" in typing.get_args(tp):
-            return "no"  # YAML 1.1 reads an unquoted `no` as false: mixed_precision: no
-        if value in typing.get_args(tp) and not isinstance(value, bool):
-            return value
-        raise _Bad
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str) and item is str:
-            return [value]  # one name where a list is expected: text_columns: sentence
-        if not isinstance(value, list):
-            raise _Bad
-        return [_convert(v, item) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise _Bad
-        if not _is_tree(value):
-            raise _Bad
-        return dict(value)
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _Bad
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _Bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise _Bad
-        if isinstance(value, (int, float)):
-            try:
-                return float(value)
-            except OverflowError:  # an int beyond float range (YAML ints are unbounded)
-                raise _Bad from None
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise _Bad from None
-        raise _Bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Bad
-    if tp is Any:
-        return value
-    raise _Bad
-
-
-def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(choices)
-
-
-def _build_section(cls, raw: Any, section: str, problems: list[str]):
-    """Build one section dataclass from its mapping, reporting every bad key."""
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        problems.append(f"{section}: expected a mapping of keys, got {_show(raw)}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in hints:
-            problems.append(f"{section}.{key}: unknown key; {_suggest(str(key), names)}")
-            continue
-        try:
-            kwargs[key] = _convert(value, hints[key])
-        except _Bad:
-            problems.append(f"{section}.{key}: expected {_type_name(hints[key])}, "
-                            f"got {_show(value)}")
-    return cls(**kwargs)
-
 
 def from_dict(data: dict, problems: list[str] | None = None, source: str | None = None) -> Recipe:
     """Build a Recipe from a plain mapping (already merged); validate; raise on problems."""
     problems = [] if problems is None else problems
     sections = {}
     explicit = set()
-    for key, value in data.items():
+    for key in data:
         if key not in SECTIONS:
-            problems.append(f"{key}: unknown section; {_suggest(str(key), SECTIONS)}")
+            problems.append(f"{key}: unknown section; {suggest(str(key), SECTIONS)}")
     for f in _sections(Recipe):
         raw = data.get(f.name)
-        sections[f.name] = _build_section(_section_type(f.name), raw, f.name, problems)
+        sections[f.name] = build_dataclass(_section_type(f.name), raw, f.name, problems)
         if isinstance(raw, dict):
             explicit.update(f"{f.name}.{k}" for k in raw)
     recipe = Recipe(**sections, explicit=frozenset(explicit), source=source)
@@ -445,38 +229,28 @@ def _section_type(name: str):
     return typing.get_type_hints(Recipe)[name]
 
 
-# --------------------------------------------------------------------------------------------
-# Overrides
-# --------------------------------------------------------------------------------------------
-
 def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> dict:
     """Apply dotted `section.key=value` overrides; values are read as YAML scalars/lists."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for item in overrides:
-        if not isinstance(item, str) or "=" not in item:
-            problems.append(f"override {item!r}: expected section.key=value, "
-                            f"e.g. optim.learning_rate=3e-5")
+        try:
+            parts, value = parse_override(item)
+        except ConversionError as e:
+            problems.append(str(e))
             continue
-        key, _, text = item.partition("=")
-        parts = key.strip().split(".")
-        if len(parts) != 2 or not all(parts):
+        if len(parts) != 2:
             problems.append(f"override {item!r}: the key must be section.key, "
                             f"e.g. optim.learning_rate")
             continue
         section, name = parts
         if section not in SECTIONS:
-            problems.append(f"override {key}: unknown section '{section}'; "
-                            f"{_suggest(section, SECTIONS)}")
+            problems.append(f"override {'.'.join(parts)}: unknown section '{section}'; "
+                            f"{suggest(section, SECTIONS)}")
             continue
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except (yaml.YAMLError, RecursionError):
-            value = text  # a plain string such as a path with a colon
         current = data.get(section)
         if current is not None and not isinstance(current, dict):
             continue  # from_dict reports the malformed section; don't replace it silently
-        data[section] = dict(current or {})
-        data[section][name] = value
+        data[section] = {**(current or {}), name: value}
     return data
 
 
@@ -494,31 +268,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         RecipeError: listing every problem found, each with key, value and fix.
     """
     problems: list[str] = []
-    data = _resolve(Path(path), problems)
+    data = resolve_bases(Path(path), problems, SECTIONS)
     if data is None:
         raise RecipeError(problems, str(path))
     data = apply_overrides(data, list(overrides or []), problems)
     return from_dict(data, problems, source=str(path))
-
-
-def resolve_path(path: str) -> str:
-    """Turn ``pkg:<package>/<sub/path>`` into a path inside an installed Python package.
-
-    The package is located with `importlib.util.find_spec`, without importing it: some packages
-    that ship models import unrelated dependencies on import. Other paths get `~` expanded.
-
-    Raises:
-        FileNotFoundError: the named package is not installed.
-    """
-    if not path.startswith("pkg:"):
-        return str(Path(path).expanduser()) if path.startswith("~") else path
-    package, _, sub = path[len("pkg:"):].partition("/")
-    spec = importlib.util.find_spec(package) if package.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{path}: Python package {package!r} is not installed; "
-                                f"pip install {package.replace('_', '-')}")
-    root = Path(list(spec.submodule_search_locations)[0])
-    return str(root / sub) if sub else str(root)
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -584,8 +338,13 @@ def _validate_data(r: Recipe) -> list[str]:
         p.append(f"data.text_columns: {d.text_columns} must name 1 or 2 columns")
     if d.max_length < 8:
         p.append(f"data.max_length: {d.max_length} is too short; use at least 8 (typical: 128-512)")
-    if d.eval_fraction is not None and not 0 < d.eval_fraction < 1:
-        p.append(f"data.eval_fraction: {d.eval_fraction} must be in (0, 1), e.g. 0.1")
+    for key in ("eval_fraction", "holdout_fraction"):
+        value = getattr(d, key)
+        if value is not None and not 0 < value < 1:
+            p.append(f"data.{key}: {value} must be in (0, 1), e.g. 0.1")
+    if d.holdout_fraction is not None and causal:
+        p.append("data.holdout_fraction: a held-out selection split is for classification; "
+                 "remove it")
     for key in ("max_train_samples", "max_eval_samples"):
         value = getattr(d, key)
         if value is not None and value < 1:
@@ -600,7 +359,7 @@ def _validate_optim(r: Recipe) -> list[str]:
     p, o = [], r.optim
     if o.name not in OPTIMIZERS:
         p.append(f"optim.name: unknown optimizer {o.name!r}; "
-                 f"{_suggest(o.name, OPTIMIZERS).replace('valid keys', 'choose from')}")
+                 f"{suggest(o.name, OPTIMIZERS).replace('valid keys', 'choose from')}")
     if not o.learning_rate > 0:
         p.append(f"optim.learning_rate: {o.learning_rate} must be > 0 "
                  f"(typical: 5e-6 full, 5e-5 standard, 1e-4 LoRA; see `lrft lr-guide`)")
@@ -656,7 +415,7 @@ def _validate_schedule(r: Recipe) -> list[str]:
     p, s = [], r.schedule
     if s.lr_scheduler_type not in SCHEDULERS:
         p.append(f"schedule.lr_scheduler_type: unknown schedule {s.lr_scheduler_type!r}; "
-                 f"{_suggest(s.lr_scheduler_type, SCHEDULERS).replace('valid keys', 'choose from')}")
+                 f"{suggest(s.lr_scheduler_type, SCHEDULERS).replace('valid keys', 'choose from')}")
     if s.warmup_ratio is not None and s.warmup_steps is not None:
         p.append(f"schedule.warmup_ratio and schedule.warmup_steps: both set ({s.warmup_ratio}, "
                  f"{s.warmup_steps}); keep one")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from lrft import metrics
-from lrft.metrics import compute_metrics, glue_score, load_metric, main_metric, metric_name, perplexity
+from lrft.metrics import (compute_metrics, glue_score, load_metric, main_metric, perplexity,
+                          score_metrics)
 
 # mrpc/qqp: preds [1,1,1,0] vs refs [1,0,1,0]: TP 2, FP 1, FN 0 -> accuracy 3/4, F1 2*(2/3)*1/(2/3+1) = 0.8
 BINARY = ([1, 1, 1, 0], [1, 0, 1, 0])
@@ -50,9 +51,6 @@ def test_non_glue_classification_and_regression():
     scores = compute_metrics("classification", [0, 1, 2, 2], [0, 1, 1, 2])
     assert scores == {"accuracy": 0.75, "macro_f1": pytest.approx(7 / 9)}
     assert compute_metrics("regression", *SCORES)["pearson"] == pytest.approx(PEARSON, rel=1e-5)
-    assert metric_name(None) == "classification"
-    assert metric_name(None, is_regression=True) == "regression"
-    assert metric_name("rte", is_regression=False) == "rte"
 
 
 def test_main_metric_and_glue_score():
@@ -62,6 +60,8 @@ def test_main_metric_and_glue_score():
     assert glue_score("mrpc", {"f1": 0.9, "accuracy": 0.8}) == pytest.approx(0.85)
     assert glue_score("stsb", {"pearson": 0.9, "spearmanr": 0.7}) == pytest.approx(0.8)
     assert glue_score("cola", {"matthews_correlation": 0.4}) == 0.4
+    assert score_metrics("mnli_mismatched") == score_metrics("mnli") == ("accuracy",)
+    assert score_metrics("regression") == ("pearson", "spearmanr")
     scores = compute_metrics("qqp", *BINARY)
     assert scores[main_metric("qqp")] == glue_score("qqp", scores)
 

@@ -169,12 +169,12 @@ def test_base_cycle_is_reported(tmp_path: Path):
 
 def test_missing_base_names_the_file(tmp_path: Path):
     child = write(tmp_path, "child.yaml", "base: nowhere.yaml\n" + MINIMAL)
-    assert any("nowhere.yaml" in p and "no such recipe file" in p for p in problems_of(child))
+    assert any("nowhere.yaml" in p and "no such file" in p for p in problems_of(child))
 
 
 def test_base_must_be_a_path(tmp_path: Path):
     child = write(tmp_path, "child.yaml", "base: [a.yaml]\n" + MINIMAL)
-    assert problems_of(child) == ["base: expected a path to another recipe, got ['a.yaml']"]
+    assert problems_of(child) == ["base: expected a path to another file, got ['a.yaml']"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_unknown_key_and_section_get_did_you_mean(minimal: Path):
 
 
 @pytest.mark.parametrize("bad, hint", [
-    ("optim.learning_rate", "expected section.key=value"),
+    ("optim.learning_rate", "expected key=value"),
     ("learning_rate=3e-5", "the key must be section.key"),
     ("optim.args.lr=3e-5", "the key must be section.key"),
 ])

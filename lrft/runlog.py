@@ -1,0 +1,206 @@
+"""The run log `metrics.jsonl`: its schema, the writer, and the one reader.
+
+One JSON object per line, in the order they happened. Every record has a `kind`:
+
+- `start`: once per run (and again after a resume that changed the recipe, as `resume`):
+  `num_training_steps`, `steps_per_epoch`, `warmup_steps`, `groups` (base LR by group),
+  `learning_rate`, `optimizer`, `lr_scheduler_type`, `effective_batch_size`, `num_processes`,
+  `trainable_params`, `mixed_precision`, `lr_note`, `time`.
+- `train`: every `logging_steps` optimizer steps: `step`, `epoch`, `loss` (mean since the
+  last record), `lr` (current LR by group), `grad_norm`, `samples_per_s`, `tokens_per_s`, `time`.
+- `eval`: `step`, `epoch`, `splits` (metrics by eval split, e.g. {"validation": {"accuracy":
+  0.91, "eval_loss": 0.24}}), `score` (the one number best checkpoints are picked on),
+  `score_name`, `higher_is_better`.
+- `guard`: a divergence-guard event: `step`, `event`, `detail`, `lr_scale`.
+- `resume`: a run resumed from a checkpoint: `step`, `checkpoint`, `changes` (key -> [old, new]).
+- `end`: `step`, `status` (completed or diverged), `time`.
+
+`read_log` is the only reader (`lrft diagnose`, `lrft compare`, the tests): it streams the file,
+skips lines that are not records (a line torn by a crash, stray text) with a note, keeps the last
+record of a step that was logged twice (a resumed run), and reads logs of earlier lrft versions,
+whose eval records held prefixed keys (`validation_matched_accuracy`) in a flat `metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+KINDS = ("start", "train", "eval", "guard", "resume", "end")
+_OLD_SPLITS = ("validation_matched", "validation_mismatched")  # earlier logs' MNLI prefixes
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl on the main process (other processes write nothing)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+    def truncate(self, step: int) -> None:
+        """Keep only records up to optimizer step `step` (all of them when `step` is 0).
+
+        A resumed run logs again the steps after its checkpoint that the interrupted run had
+        logged; dropping those (and a line torn by the kill) leaves one clean curve. Records
+        without a step (`start`) stay with the steps they precede.
+        """
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        with self.path.open() as f:
+            for line in f:
+                record = _parse_line(line)
+                if step and record is not None and _step_of(record, 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+
+
+@dataclass
+class LogWindow:
+    """What the next `train` record averages: losses, samples and tokens since the last one.
+
+    Losses and token counts stay device tensors between records (no host sync per step); the
+    loss sum and count are saved in checkpoints, so a resumed run writes the same averages.
+    """
+
+    loss: Any = 0.0  # sum of the finite step losses (a tensor while training)
+    count: Any = 0  # finite step losses summed
+    samples: int = 0
+    tokens: Any = 0
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": float(self.loss), "loss_count": int(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss, self.count = state.get("loss_sum", 0.0), state.get("loss_count", 0)
+
+    def mean_loss(self) -> float:
+        count = int(self.count)
+        return float(self.loss) / count if count else float("nan")
+
+    def reset(self) -> None:
+        self.loss, self.count, self.samples, self.tokens = 0.0, 0, 0, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RunLog:
+    """A run log as read back. `train` and `evals` are sorted by step, one record per step."""
+
+    path: Path
+    start: dict = field(default_factory=dict)
+    train: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    guards: list[dict] = field(default_factory=list)
+    resumes: list[dict] = field(default_factory=list)
+    end: dict | None = None
+    skipped: list[str] = field(default_factory=list)  # one note per line that was not a record
+
+    @property
+    def records(self) -> int:
+        return bool(self.start) + len(self.train) + len(self.evals) + len(self.guards) + \
+            len(self.resumes) + (self.end is not None)
+
+
+def _parse_line(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and record.get("kind") in KINDS else None
+
+
+def _step_of(record: dict, default: int | None = None) -> int | None:
+    step = record.get("step", default)
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
+        return default
+    return int(step)
+
+
+def _eval_record(record: dict) -> dict:
+    """An eval record in this version's shape, also from earlier versions' flat `metrics`."""
+    if isinstance(record.get("splits"), dict):
+        return record
+    flat = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+    splits: dict[str, dict] = {}
+    for key, value in flat.items():
+        split = next((s for s in _OLD_SPLITS if key.startswith(s + "_")), "validation")
+        splits.setdefault(split, {})[key.removeprefix(split + "_")] = value
+    main = record.get("main_metric")
+    score = flat.get(main) if isinstance(main, str) else None
+    return {**record, "splits": splits, "score": score,
+            "score_name": main, "higher_is_better": record.get("higher_is_better", True)}
+
+
+def resolve_log_path(run_dir: str | Path) -> Path:
+    """The metrics file of a run folder (or the file itself).
+
+    Raises:
+        FileNotFoundError: no such folder or file, or the folder holds no metrics.jsonl.
+    """
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE} here (is this a run folder?)")
+    return path
+
+
+def read_log(run_dir: str | Path) -> RunLog:
+    """Read a run log, streaming: see the module docstring.
+
+    Args:
+        run_dir: a run folder, or its metrics.jsonl.
+
+    Returns:
+        The :class:`RunLog`; lines that were not records are noted in `skipped`.
+
+    Raises:
+        FileNotFoundError: see :func:`resolve_log_path`.
+    """
+    path = resolve_log_path(run_dir)
+    log = RunLog(path)
+    train: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line:
+                continue
+            record = _parse_line(line)
+            step = _step_of(record) if record is not None else None
+            kind = record.get("kind") if record is not None else None
+            if record is None or (kind in ("train", "eval") and step is None):
+                log.skipped.append(f"{path}:{number}: not a record, skipped: {line[:60]!r}")
+                continue
+            if kind == "start":
+                log.start = log.start or record
+            elif kind == "train":
+                train[step] = record
+            elif kind == "eval":
+                evals[step] = _eval_record(record)
+            elif kind == "guard":
+                log.guards.append(record)
+            elif kind == "resume":
+                log.resumes.append(record)
+            else:
+                log.end = record
+    log.train = [train[s] for s in sorted(train)]
+    log.evals = [evals[s] for s in sorted(evals)]
+    return log
