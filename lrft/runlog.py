@@ -15,6 +15,8 @@ One JSON object per line, in the order they happened. Every record has a `kind`:
 - `resume`: a run resumed from a checkpoint: `step`, `checkpoint`, `changes` (key -> [old, new]).
 - `end`: `step`, `status` (completed or diverged), `time`.
 
+Losses are NaN-safe: a non-finite loss is written as NaN (JSON `NaN`), read back as NaN.
+
 `read_log` is the only reader (`lrft diagnose`, `lrft compare`, the tests): it streams the file,
 skips lines that are not records (a line torn by a crash, stray text) with a note, keeps the last
 record of a step that was logged twice (a resumed run), and reads logs of earlier lrft versions,
@@ -32,6 +34,7 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 KINDS = ("start", "train", "eval", "guard", "resume", "end")
+MAX_SKIP_NOTES = 5  # a file of garbage gets a few notes and a count, not a note per line
 _OLD_SPLITS = ("validation_matched", "validation_mismatched")  # earlier logs' MNLI prefixes
 
 
@@ -100,22 +103,67 @@ class LogWindow:
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
+class TrainCurve:
+    """The train records as columns (one entry per logged step, ascending): a long run's log
+    reads into a few lists of floats, not a million dicts. Missing numbers are NaN."""
+
+    step: list[int] = field(default_factory=list)
+    epoch: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    samples_per_s: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+    lr: dict[str, list[float]] = field(default_factory=dict)  # group -> LR at each step
+
+    _NUMBERS = ("epoch", "loss", "grad_norm", "samples_per_s", "tokens_per_s")
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def add(self, step: int, record: dict) -> None:
+        """Append one train record; a step at or before the last one (a resumed run that logs
+        again what its interrupted run had logged) first drops the entries it replaces."""
+        if self.step and step <= self.step[-1]:
+            keep = next((i for i, s in enumerate(self.step) if s >= step), len(self.step))
+            for column in (self.step, *(getattr(self, n) for n in self._NUMBERS),
+                           *self.lr.values()):
+                del column[keep:]
+        n = len(self.step)
+        self.step.append(step)
+        for name in self._NUMBERS:
+            getattr(self, name).append(number(record.get(name)))
+        lrs = record.get("lr") if isinstance(record.get("lr"), dict) else {}
+        for group, values in self.lr.items():
+            values.append(number(lrs.get(group)))
+        for group in lrs.keys() - self.lr.keys():
+            self.lr[str(group)] = [math.nan] * n + [number(lrs[group])]
+
+
+@dataclass
 class RunLog:
-    """A run log as read back. `train` and `evals` are sorted by step, one record per step."""
+    """A run log as read back. `train` holds columns, `evals` one record per step, by step."""
 
     path: Path
     start: dict = field(default_factory=dict)
-    train: list[dict] = field(default_factory=list)
+    train: TrainCurve = field(default_factory=TrainCurve)
     evals: list[dict] = field(default_factory=list)
     guards: list[dict] = field(default_factory=list)
     resumes: list[dict] = field(default_factory=list)
     end: dict | None = None
-    skipped: list[str] = field(default_factory=list)  # one note per line that was not a record
+    skipped: list[str] = field(default_factory=list)  # notes on the first lines that were not records
+    skipped_count: int = 0  # all lines that were not records
 
     @property
     def records(self) -> int:
         return bool(self.start) + len(self.train) + len(self.evals) + len(self.guards) + \
             len(self.resumes) + (self.end is not None)
+
+
+def number(value: Any) -> float:
+    """A logged value as a float; NaN for a missing, non-numeric or boolean value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
 
 
 def _parse_line(line: str) -> dict | None:
@@ -176,10 +224,9 @@ def read_log(run_dir: str | Path) -> RunLog:
     """
     path = resolve_log_path(run_dir)
     log = RunLog(path)
-    train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
     with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
+        for line_no, raw in enumerate(f, 1):
             line = raw.decode("utf-8", errors="replace").strip()
             if not line:
                 continue
@@ -187,12 +234,14 @@ def read_log(run_dir: str | Path) -> RunLog:
             step = _step_of(record) if record is not None else None
             kind = record.get("kind") if record is not None else None
             if record is None or (kind in ("train", "eval") and step is None):
-                log.skipped.append(f"{path}:{number}: not a record, skipped: {line[:60]!r}")
+                log.skipped_count += 1
+                if len(log.skipped) < MAX_SKIP_NOTES:
+                    log.skipped.append(f"{path}:{line_no}: not a record, skipped: {line[:60]!r}")
                 continue
             if kind == "start":
                 log.start = log.start or record
             elif kind == "train":
-                train[step] = record
+                log.train.add(step, record)
             elif kind == "eval":
                 evals[step] = _eval_record(record)
             elif kind == "guard":
@@ -201,6 +250,5 @@ def read_log(run_dir: str | Path) -> RunLog:
                 log.resumes.append(record)
             else:
                 log.end = record
-    log.train = [train[s] for s in sorted(train)]
     log.evals = [evals[s] for s in sorted(evals)]
     return log
