@@ -22,6 +22,8 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from lrft.config import suggest
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -115,32 +117,52 @@ def _adafactor(groups: list[dict], kwargs: dict, model: nn.Module | None) -> tor
 
 
 @dataclass(frozen=True)
-class _Spec:
+class OptimizerSpec:
+    """One optimizer: how to build it and what the rest of lrft needs to know about it.
+
+    Attributes:
+        name: the recipe's `optim.name`.
+        build: (groups, kwargs, model) -> optimizer.
+        args: keyword arguments it accepts besides lr and weight_decay. The recipe's
+            adam_beta1/adam_beta2 are passed as `betas` to those that take betas, adam_epsilon as
+            `eps` to those that take eps; `optim.args` may set the others.
+        lr_rule: how its LR relates to AdamW's (`lrft.presets`): "adamw" (the same LR), "lion"
+            (3-10x smaller), "sgd" (100-1000x larger), or None (no published rule).
+        package: the pip package it needs beyond torch, checked by the recipe.
+        eight_bit: keeps 8-bit optimizer state (bitsandbytes).
+    """
+
+    name: str
     build: Callable[[list[dict], dict, nn.Module | None], torch.optim.Optimizer]
-    args: tuple[str, ...]  # accepted keywords besides lr and weight_decay
+    args: tuple[str, ...]
+    lr_rule: str | None = "adamw"
+    package: str | None = None
+    eight_bit: bool = False
 
 
 _BNB_ADAM_ARGS = ("betas", "eps", "amsgrad", "min_8bit_size")
-_REGISTRY: dict[str, _Spec] = {
-    "adamw": _Spec(_torch_adamw, ("betas", "eps", "amsgrad")),
-    "adamw_8bit": _Spec(_bnb("AdamW8bit", "adamw_8bit"), _BNB_ADAM_ARGS),
-    "paged_adamw_8bit": _Spec(_bnb("PagedAdamW8bit", "paged_adamw_8bit"), _BNB_ADAM_ARGS),
-    "lion": _Spec(_lion, ("betas",)),
-    "lion_8bit": _Spec(_bnb("Lion8bit", "lion_8bit"), ("betas", "min_8bit_size")),
-    "adam": _Spec(_torch("Adam"), ("betas", "eps", "amsgrad")),
-    "sgd": _Spec(_torch("SGD"), ("momentum", "dampening", "nesterov")),
-    "rmsprop": _Spec(_torch("RMSprop"), ("alpha", "eps", "momentum", "centered")),
-    "adagrad": _Spec(_torch("Adagrad"), ("lr_decay", "eps", "initial_accumulator_value")),
-    "adafactor": _Spec(_adafactor, ("beta1", "clip_threshold", "decay_rate")),
-}
+OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
+    OptimizerSpec("adamw", _torch_adamw, ("betas", "eps", "amsgrad")),
+    OptimizerSpec("adamw_8bit", _bnb("AdamW8bit", "adamw_8bit"), _BNB_ADAM_ARGS,
+                  package="bitsandbytes", eight_bit=True),
+    OptimizerSpec("paged_adamw_8bit", _bnb("PagedAdamW8bit", "paged_adamw_8bit"), _BNB_ADAM_ARGS,
+                  package="bitsandbytes", eight_bit=True),
+    OptimizerSpec("lion", _lion, ("betas",), lr_rule="lion", package="lion_pytorch"),
+    OptimizerSpec("lion_8bit", _bnb("Lion8bit", "lion_8bit"), ("betas", "min_8bit_size"),
+                  lr_rule="lion", package="bitsandbytes", eight_bit=True),
+    OptimizerSpec("adam", _torch("Adam"), ("betas", "eps", "amsgrad")),
+    OptimizerSpec("sgd", _torch("SGD"), ("momentum", "dampening", "nesterov"), lr_rule="sgd"),
+    OptimizerSpec("rmsprop", _torch("RMSprop"), ("alpha", "eps", "momentum", "centered")),
+    OptimizerSpec("adagrad", _torch("Adagrad"), ("lr_decay", "eps", "initial_accumulator_value"),
+                  lr_rule=None),
+    OptimizerSpec("adafactor", _adafactor, ("beta1", "clip_threshold", "decay_rate"),
+                  lr_rule=None),
+)}
+OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
 
-OPTIMIZER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
-
-def _unknown_name(name: str) -> str:
-    close = difflib.get_close_matches(name, OPTIMIZER_NAMES, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown optimizer {name!r}{hint}; valid names: {', '.join(OPTIMIZER_NAMES)}"
+def unknown_optimizer(name: str) -> str:
+    return f"unknown optimizer {name!r}; {suggest(name, OPTIMIZER_NAMES, 'choose from')}"
 
 
 def optimizer_args(name: str) -> tuple[str, ...]:
@@ -155,9 +177,9 @@ def optimizer_args(name: str) -> tuple[str, ...]:
     Raises:
         ValueError: `name` is not a known optimizer (with a did-you-mean).
     """
-    if name not in _REGISTRY:
-        raise ValueError(_unknown_name(name))
-    return _COMMON_ARGS + _REGISTRY[name].args
+    if name not in OPTIMIZERS:
+        raise ValueError(unknown_optimizer(name))
+    return _COMMON_ARGS + OPTIMIZERS[name].args
 
 
 def check_optimizer_args(name: str, args: dict) -> list[str]:
@@ -171,8 +193,8 @@ def check_optimizer_args(name: str, args: dict) -> list[str]:
         One message per problem (an unknown name, or each argument the optimizer does not
         take, with a did-you-mean); empty when all is well.
     """
-    if name not in _REGISTRY:
-        return [_unknown_name(name)]
+    if name not in OPTIMIZERS:
+        return [unknown_optimizer(name)]
     valid = optimizer_args(name)
     problems = []
     for key in args:
@@ -254,7 +276,7 @@ def build_optimizer(
     # own; pass real values because some constructors check them (Lion asserts lr > 0).
     given["lr"] = lr if lr is not None else max(g["lr"] for g in groups)
     given["weight_decay"] = weight_decay if weight_decay is not None else 0.0
-    return _REGISTRY[name].build(groups, given, model)
+    return OPTIMIZERS[name].build(groups, given, model)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -277,3 +299,31 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             if torch.is_tensor(value):
                 tensors[id(value)] = value.numel() * value.element_size()
     return sum(tensors.values())
+
+
+# The recipe's own keys for what some constructors call lr, weight_decay, betas and eps: setting
+# them in `optim.args` as well would be ambiguous (one value silently overwritten by the other).
+RECIPE_KEYS = {"lr": "optim.learning_rate", "weight_decay": "optim.weight_decay",
+               "betas": "optim.adam_beta1 and optim.adam_beta2", "eps": "optim.adam_epsilon"}
+
+
+def reads_betas(name: str) -> bool:
+    """Whether the recipe's adam_beta1/adam_beta2 reach this optimizer (as `betas`)."""
+    return name in OPTIMIZERS and "betas" in OPTIMIZERS[name].args
+
+
+def reads_eps(name: str) -> bool:
+    """Whether the recipe's adam_epsilon reaches this optimizer (as `eps`)."""
+    return name in OPTIMIZERS and "eps" in OPTIMIZERS[name].args
+
+
+def recipe_kwargs(optim_config) -> dict[str, Any]:
+    """The keyword arguments a recipe's `optim` section gives `build_optimizer` (besides lr
+    and weight_decay): `optim.args`, betas and eps where the optimizer takes them."""
+    o = optim_config
+    kwargs = dict(o.args)
+    if reads_betas(o.name):
+        kwargs["betas"] = (o.adam_beta1, o.adam_beta2)
+    if reads_eps(o.name):
+        kwargs["eps"] = o.adam_epsilon
+    return kwargs

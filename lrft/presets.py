@@ -49,12 +49,45 @@ _ADAMW = {
 }
 SCENARIOS = tuple(_ADAMW)
 
-# Lion: 3-10x smaller LR, 3-10x larger weight decay (Lion paper, section 5). We take the
-# middle of the range for the recommendation and keep the whole range in low/high.
+# How other optimizers' LRs relate to AdamW's (`OptimizerSpec.lr_rule` in lrft.optim): a range of
+# ratios, of which the geometric middle is the recommendation and the range widens low/high.
+# Lion: 3-10x smaller LR and 3-10x larger weight decay (Lion paper, section 5), because its sign
+# update has a larger norm than Adam's. SGD with momentum 0.9: no normalisation by the gradient's
+# scale, so its LR is 100-1000x AdamW's on transformer fine-tuning (lrft's own measurement on
+# MiniLM: docs/lr-study; Kumar et al. 2022 fine-tune with SGD at 1e-3..3e-2).
+LR_RULES: dict[str, dict] = {
+    "adamw": {"lr": (1.0, 1.0), "wd": 1.0,
+              "note": ""},
+    "lion": {"lr": (1 / 10.0, 1 / 3.0), "wd": math.sqrt(3.0 * 10.0),
+             "note": "Lion: 3-10x smaller LR and 3-10x larger weight decay than AdamW (sign "
+                     "updates have a larger norm)"},
+    "sgd": {"lr": (100.0, 1000.0), "wd": 1.0,
+            "note": "SGD with momentum: 100-1000x AdamW's LR (no per-weight normalisation)"},
+}
+# Kept for readers of earlier versions: Lion's published ranges.
 LION_LR_DIVISOR = (3.0, 10.0)
 LION_WD_MULTIPLIER = (3.0, 10.0)
-_SAME_AS_ADAMW = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adam")
-_LION = ("lion", "lion_8bit")
+
+
+def _rule(optimizer: str) -> dict:
+    from lrft.optim import OPTIMIZERS  # torch-free at import
+
+    spec = OPTIMIZERS.get(optimizer)
+    if spec is None or spec.lr_rule is None:
+        known = [n for n, s in OPTIMIZERS.items() if s.lr_rule]
+        raise ValueError(f"no LR rule for optimizer {optimizer!r}; rules exist for "
+                         f"{', '.join(known)}")
+    return LR_RULES[spec.lr_rule]
+
+
+def equivalent_lr(adamw_lr: float, optimizer: str) -> float:
+    """The LR of `optimizer` that matches AdamW at `adamw_lr`, by its rule (2 significant digits).
+
+    Raises:
+        ValueError: the optimizer has no LR rule (see `LR_RULES`).
+    """
+    low, high = _rule(optimizer)["lr"]
+    return float(f"{adamw_lr * math.sqrt(low * high):.2g}")
 
 
 def lr_preset(scenario: str, optimizer: str = "adamw") -> LRPreset:
@@ -62,32 +95,27 @@ def lr_preset(scenario: str, optimizer: str = "adamw") -> LRPreset:
 
     Args:
         scenario: one of full, standard, conservative, lora, scratch.
-        optimizer: adamw, adamw_8bit, paged_adamw_8bit and adam share AdamW's values; lion and
-            lion_8bit get Lion's rule.
+        optimizer: any optimizer with an LR rule (`lrft.optim.OPTIMIZERS[...].lr_rule`): the
+            AdamW family and rmsprop share AdamW's values; lion and lion_8bit get Lion's rule,
+            sgd SGD's.
 
     Returns:
         An :class:`LRPreset`.
 
     Raises:
-        ValueError: unknown scenario or an optimizer with no published rule here.
+        ValueError: unknown scenario or an optimizer with no LR rule.
     """
     if scenario not in _ADAMW:
         raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
-    base = _ADAMW[scenario]
-    if optimizer in _SAME_AS_ADAMW:
+    base, rule = _ADAMW[scenario], _rule(optimizer)
+    if rule is LR_RULES["adamw"]:
         return replace(base, optimizer=optimizer)
-    if optimizer in _LION:
-        mid = math.sqrt(LION_LR_DIVISOR[0] * LION_LR_DIVISOR[1])  # geometric middle, ~5.5x
-        wd = base.weight_decay * mid  # no decay stays no decay (LoRA adapters)
-        return replace(
-            base, optimizer=optimizer,
-            learning_rate=float(f"{base.learning_rate / mid:.2g}"),
-            low=base.low / LION_LR_DIVISOR[1], high=base.high / LION_LR_DIVISOR[0],
-            weight_decay=float(f"{wd:.2g}"),
-            reason=base.reason + "; Lion: 3-10x smaller LR and 3-10x larger weight decay than "
-                                 "AdamW (sign updates have a larger norm)")
-    raise ValueError(f"no LR rule for optimizer {optimizer!r}; rules exist for "
-                     f"{', '.join(_SAME_AS_ADAMW + _LION)}")
+    low, high = rule["lr"]
+    wd = base.weight_decay * rule["wd"]  # no decay stays no decay (LoRA adapters)
+    return replace(
+        base, optimizer=optimizer, learning_rate=equivalent_lr(base.learning_rate, optimizer),
+        low=base.low * low, high=base.high * high, weight_decay=float(f"{wd:.2g}"),
+        reason=f"{base.reason}; {rule['note']}")
 
 
 def scaled_lr(lr: float, batch_size: int, reference_batch_size: int, rule: str) -> float:

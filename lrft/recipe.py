@@ -23,26 +23,18 @@ from typing import Any, Literal
 
 import yaml
 
+from lrft import optim, schedule
 from lrft.config import (ConversionError, build_dataclass, parse_override, resolve_bases,
                          resolve_path, suggest)
 from lrft.errors import RecipeError
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "dump_recipe", "resolve_path", "SECTIONS"]
 
-# The names the recipe accepts for optimizers and schedules. lrft.optim and lrft.schedule own the
-# implementations; tests/test_recipe.py asserts these tuples equal their registries.
-OPTIMIZERS = (
-    "adamw", "adamw_8bit", "paged_adamw_8bit", "lion", "lion_8bit",
-    "adam", "sgd", "rmsprop", "adagrad", "adafactor",
-)
-SCHEDULERS = (
-    "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
-    "inverse_sqrt", "warmup_stable_decay", "step", "exponential", "reduce_lr_on_plateau",
-)
-EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "lion_8bit")
-# Optimizers that read adam_beta1/adam_beta2 (Lion calls its two coefficients betas too).
-BETA_OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adam", "lion", "lion_8bit")
-EPS_OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adam", "rmsprop", "adagrad")
+# What the recipe accepts comes from the registries: one entry per optimizer (lrft.optim) and per
+# schedule (lrft.schedule), each saying which keys it reads (tests/test_registries.py).
+OPTIMIZERS: tuple[str, ...] = optim.OPTIMIZER_NAMES
+SCHEDULERS: tuple[str, ...] = schedule.SCHEDULER_NAMES
+EIGHT_BIT_OPTIMIZERS = tuple(n for n, spec in optim.OPTIMIZERS.items() if spec.eight_bit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,15 +349,15 @@ def _validate_data(r: Recipe) -> list[str]:
 
 def _validate_optim(r: Recipe) -> list[str]:
     p, o = [], r.optim
-    if o.name not in OPTIMIZERS:
-        p.append(f"optim.name: unknown optimizer {o.name!r}; "
-                 f"{suggest(o.name, OPTIMIZERS).replace('valid keys', 'choose from')}")
+    spec = optim.OPTIMIZERS.get(o.name)
+    if spec is None:
+        p.append(f"optim.name: {optim.unknown_optimizer(o.name)}")
     if not o.learning_rate > 0:
         p.append(f"optim.learning_rate: {o.learning_rate} must be > 0 "
                  f"(typical: 5e-6 full, 5e-5 standard, 1e-4 LoRA; see `lrft lr-guide`)")
-    elif o.learning_rate > 1:
-        p.append(f"optim.learning_rate: {o.learning_rate} is far above any fine-tuning LR; "
-                 f"did you mean {o.learning_rate:g}e-5?")
+    elif o.learning_rate > 1 and math.isfinite(o.learning_rate):
+        p.append(f"optim.learning_rate: {o.learning_rate:g} is far above any fine-tuning LR; "
+                 f"typical: 5e-6 full, 5e-5 standard, 1e-4 LoRA (see `lrft lr-guide`)")
     if o.weight_decay < 0:
         p.append(f"optim.weight_decay: {o.weight_decay} must be >= 0 (typical: 0.01)")
     for key in ("adam_beta1", "adam_beta2"):
@@ -384,75 +376,47 @@ def _validate_optim(r: Recipe) -> list[str]:
                  f"effective batch the learning rate was tuned for, e.g. 32")
     if o.reference_batch_size is not None and o.reference_batch_size < 1:
         p.append(f"optim.reference_batch_size: {o.reference_batch_size} must be >= 1")
-    explicit = _changed(r)
-    if o.name in OPTIMIZERS and o.name not in BETA_OPTIMIZERS:
-        p += [f"optim.{k}: optimizer {o.name!r} has no betas; remove the key"
-              for k in ("adam_beta1", "adam_beta2") if f"optim.{k}" in explicit]
-    if o.name in OPTIMIZERS and o.name not in EPS_OPTIMIZERS and "optim.adam_epsilon" in explicit:
-        p.append(f"optim.adam_epsilon: optimizer {o.name!r} takes no epsilon; remove the key")
-    if o.name in EIGHT_BIT_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
-        p.append(f"optim.name: {o.name!r} needs bitsandbytes, which is not installed; "
-                 f"pip install bitsandbytes, or use optim.name=adamw")
-    if o.args and o.name in OPTIMIZERS:
-        from lrft.optim import check_optimizer_args  # torch-free check of the constructor's keys
+    return p + (_optimizer_keys(r, spec) if spec is not None else [])
 
-        p += [f"optim.args: {msg}" for msg in check_optimizer_args(o.name, o.args)]
+
+def _optimizer_keys(r: Recipe, spec) -> list[str]:
+    """The keys the chosen optimizer reads, by its registry entry."""
+    p, o, changed = [], r.optim, _changed(r)
+    if not optim.reads_betas(o.name):
+        p += [f"optim.{k}: optimizer {o.name!r} has no betas; remove the key"
+              for k in ("adam_beta1", "adam_beta2") if f"optim.{k}" in changed]
+    if not optim.reads_eps(o.name) and "optim.adam_epsilon" in changed:
+        p.append(f"optim.adam_epsilon: optimizer {o.name!r} takes no epsilon; remove the key")
+    if spec.package and importlib.util.find_spec(spec.package) is None:
+        p.append(f"optim.name: {o.name!r} needs {spec.package}, which is not installed; "
+                 f"pip install {spec.package.replace('_', '-')}, or use optim.name=adamw")
+    for key in o.args:
+        if key in optim.RECIPE_KEYS:
+            p.append(f"optim.args.{key}: set {optim.RECIPE_KEYS[key]} instead (one value, "
+                     f"one place)")
+    p += [f"optim.args: {msg}" for msg in optim.check_optimizer_args(
+        o.name, {k: v for k, v in o.args.items() if k not in optim.RECIPE_KEYS})]
     return p
 
 
-_SCHEDULE_KEYS = {  # schedule-specific keys and the schedules that read them
-    "num_cycles": ("cosine_with_restarts",),
-    "power": ("polynomial",),
-    "decay_ratio": ("warmup_stable_decay",),
-    "step_size": ("step",),
-    "gamma": ("step", "exponential", "reduce_lr_on_plateau"),
-    "patience": ("reduce_lr_on_plateau",),
-    "min_lr_ratio": ("cosine", "polynomial", "warmup_stable_decay", "cosine_with_restarts"),
-}
-
-
 def _validate_schedule(r: Recipe) -> list[str]:
-    p, s = [], r.schedule
-    if s.lr_scheduler_type not in SCHEDULERS:
-        p.append(f"schedule.lr_scheduler_type: unknown schedule {s.lr_scheduler_type!r}; "
-                 f"{suggest(s.lr_scheduler_type, SCHEDULERS).replace('valid keys', 'choose from')}")
-    if s.warmup_ratio is not None and s.warmup_steps is not None:
-        p.append(f"schedule.warmup_ratio and schedule.warmup_steps: both set ({s.warmup_ratio}, "
-                 f"{s.warmup_steps}); keep one")
-    if s.warmup_ratio is not None and not 0 <= s.warmup_ratio <= 1:
-        p.append(f"schedule.warmup_ratio: {s.warmup_ratio} must be in [0, 1] (typical: 0.06-0.1)")
-    if s.warmup_steps is not None and s.warmup_steps < 0:
-        p.append(f"schedule.warmup_steps: {s.warmup_steps} must be >= 0")
-    if (s.warmup_steps is not None and r.train.max_steps > 0
-            and s.warmup_steps > r.train.max_steps):
+    s, t = r.schedule, r.train
+    p = [f"schedule.{' and schedule.'.join(keys)}: {message}" for keys, message in
+         schedule.check_options(s.lr_scheduler_type, schedule.recipe_options(s))]
+    spec = schedule.SCHEDULES.get(s.lr_scheduler_type)
+    if spec is None:
+        return p
+    if s.warmup_steps is not None and t.max_steps > 0 and s.warmup_steps > t.max_steps:
         p.append(f"schedule.warmup_steps: {s.warmup_steps} is more than train.max_steps "
-                 f"({r.train.max_steps}); lower it or use warmup_ratio")
-    if not 0 <= s.warmup_start_factor <= 1:
-        p.append(f"schedule.warmup_start_factor: {s.warmup_start_factor} must be in [0, 1]")
-    if not 0 <= s.min_lr_ratio <= 1:
-        p.append(f"schedule.min_lr_ratio: {s.min_lr_ratio} must be in [0, 1] (e.g. 0.1)")
-    if s.num_cycles < 1:
-        p.append(f"schedule.num_cycles: {s.num_cycles} must be >= 1")
-    if not s.power > 0:
-        p.append(f"schedule.power: {s.power} must be > 0")
-    if not 0 <= s.decay_ratio <= 1:
-        p.append(f"schedule.decay_ratio: {s.decay_ratio} must be in [0, 1]")
-    if not 0 < s.gamma <= 1:
-        p.append(f"schedule.gamma: {s.gamma} must be in (0, 1]")
-    if s.patience < 0:
-        p.append(f"schedule.patience: {s.patience} must be >= 0")
-    if s.lr_scheduler_type == "step" and s.step_size is None:
-        p.append("schedule.step_size: needed by lr_scheduler_type: step (optimizer steps "
-                 "between decays)")
-    if s.step_size is not None and s.step_size < 1:
-        p.append(f"schedule.step_size: {s.step_size} must be >= 1")
-    if s.lr_scheduler_type == "reduce_lr_on_plateau" and r.train.eval_steps is None:
-        p.append("train.eval_steps: reduce_lr_on_plateau steps on evaluations; set eval_steps")
+                 f"({t.max_steps}); lower it or use warmup_ratio")
+    if spec.decay is None and t.eval_steps is None:
+        p.append(f"train.eval_steps: {s.lr_scheduler_type} steps on evaluations; set eval_steps")
     changed = _changed(r)
-    for key, users in _SCHEDULE_KEYS.items():
-        if f"schedule.{key}" in changed and s.lr_scheduler_type not in users:
+    for key in schedule.DEFAULTS:
+        if f"schedule.{key}" in changed and key not in spec.keys:
+            readers = [n for n, other in schedule.SCHEDULES.items() if key in other.keys]
             p.append(f"schedule.{key}: not read by lr_scheduler_type {s.lr_scheduler_type!r} "
-                     f"(only by {', '.join(users)}); remove it")
+                     f"(only by {', '.join(readers)}); remove it")
     return p
 
 

@@ -75,8 +75,8 @@ def test_unknown_scenario_lists_the_choices():
     assert all(s in str(info.value) for s in SCENARIOS)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamx"])
-def test_unknown_optimizer_lists_the_choices(optimizer: str):
+@pytest.mark.parametrize("optimizer", ["adagrad", "adafactor", "adamx"])
+def test_an_optimizer_without_a_rule_lists_the_ones_with_one(optimizer: str):
     with pytest.raises(ValueError, match=f"optimizer '{optimizer}'") as info:
         lr_preset("standard", optimizer)
     for name in ("adamw", "adamw_8bit", "paged_adamw_8bit", "adam", "lion", "lion_8bit"):
@@ -127,3 +127,12 @@ def test_lr_table_gives_every_reason():
     assert "lion:" in table
     only_adamw = format_lr_table(("adamw",))
     assert "lion " not in only_adamw.split("\n\n")[0]
+
+
+@pytest.mark.parametrize("optimizer, ratio", [("adamw_8bit", 1.0), ("rmsprop", 1.0),
+                                              ("lion", 1 / math.sqrt(30)), ("sgd", math.sqrt(1e5))])
+def test_equivalent_lr_follows_the_optimizers_rule(optimizer: str, ratio: float):
+    from lrft.presets import equivalent_lr
+
+    assert equivalent_lr(5e-5, optimizer) == pytest.approx(5e-5 * ratio, rel=0.02)
+    assert lr_preset("standard", optimizer).learning_rate == equivalent_lr(5e-5, optimizer)

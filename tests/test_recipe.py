@@ -369,29 +369,3 @@ def test_explicit_lists_only_what_was_set(minimal: Path):
     assert recipe.explicit == {"model.name_or_path", "data.glue_task", "optim.learning_rate"}
 
 
-# ----------------------------------------------------------------------------------------------
-# The name tuples agree with the registries that implement them
-# ----------------------------------------------------------------------------------------------
-
-def test_optimizer_names_match_the_registry():
-    optim = pytest.importorskip("lrft.optim", reason="lrft.optim is not importable yet")
-    assert set(OPTIMIZERS) == set(optim.OPTIMIZER_NAMES)
-    assert len(OPTIMIZERS) == len(optim.OPTIMIZER_NAMES) == len(set(OPTIMIZERS))
-
-
-def test_scheduler_names_match_the_registry():
-    schedule = pytest.importorskip("lrft.schedule", reason="lrft.schedule is not importable yet")
-    assert set(SCHEDULERS) == set(schedule.SCHEDULER_NAMES)
-    assert len(SCHEDULERS) == len(schedule.SCHEDULER_NAMES) == len(set(SCHEDULERS))
-
-
-def test_name_subsets_are_consistent():
-    assert set(EIGHT_BIT_OPTIMIZERS) <= set(OPTIMIZERS)
-    assert set(recipe_mod.BETA_OPTIMIZERS) <= set(OPTIMIZERS)
-    assert set(recipe_mod.EPS_OPTIMIZERS) <= set(OPTIMIZERS)
-    for key, users in recipe_mod._SCHEDULE_KEYS.items():
-        assert set(users) <= set(SCHEDULERS), key
-        assert key in {f.name for f in dataclasses.fields(recipe_mod.ScheduleConfig)}
-    defaults = Recipe()
-    assert defaults.optim.name in OPTIMIZERS
-    assert defaults.schedule.lr_scheduler_type in SCHEDULERS

@@ -149,11 +149,11 @@ def test_warmup_ratio_rounds_up():
 
 def test_warmup_errors_name_the_numbers():
     optimizer = _optimizer()
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="both set"):
         build_scheduler(optimizer, "cosine", 10, warmup_steps=2, warmup_ratio=0.1)
     with pytest.raises(ValueError, match=r"warmup_steps \(11\).*num_training_steps \(10\)"):
         build_scheduler(optimizer, "cosine", 10, warmup_steps=11)
-    with pytest.raises(ValueError, match="warmup_ratio must be in"):
+    with pytest.raises(ValueError, match="warmup_ratio: 1.5 must be in"):
         build_scheduler(optimizer, "cosine", 10, warmup_ratio=1.5)
     with pytest.raises(ValueError, match="decay steps"):
         build_scheduler(optimizer, "warmup_stable_decay", 10, warmup_steps=10, decay_ratio=0.5)
@@ -170,7 +170,7 @@ def test_warmup_errors_name_the_numbers():
         ({"min_lr_ratio": -0.1}, "min_lr_ratio"),
         ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
         ({"warmup_start_factor": 2.0}, "warmup_start_factor"),
-        ({"warmup_type": "cosine"}, "warmup_type must be one of linear, constant"),
+        ({"warmup_type": "cosine"}, "warmup_type: 'cosine' must be one of linear, constant"),
     ],
 )
 def test_invalid_values_raise_whatever_the_schedule(kwargs, match):
@@ -184,12 +184,12 @@ def test_unused_parameters_are_not_an_error_here():
 
 
 def test_step_needs_step_size():
-    with pytest.raises(ValueError, match="needs step_size"):
+    with pytest.raises(ValueError, match="step_size: needed by"):
         build_scheduler(_optimizer(), "step", 10)
 
 
 def test_unknown_name_suggests_and_lists():
-    match = r"unknown schedule 'cosin' \(did you mean 'cosine'\?\); valid names: cosine, linear"
+    match = r"unknown schedule 'cosin'; did you mean 'cosine'\?"
     with pytest.raises(ValueError, match=match):
         build_scheduler(_optimizer(), "cosin", 10)
 
