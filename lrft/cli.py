@@ -1,19 +1,20 @@
 """The `lrft` command line: train, check, compare, find-lr, diagnose, lr-guide.
 
-Every subcommand imports its heavy dependencies (torch, transformers, peft) inside its handler,
-so `lrft --help` and `lrft lr-guide` start in well under a second. Bad input ends with a short
-message naming the key and the fix and exit status 2, never a traceback.
+Argument parsing and thin command bodies only. Every subcommand imports its heavy dependencies
+(torch, transformers, peft) inside its body, so `lrft --help` and `lrft lr-guide` start in well
+under a second. `key=value` overrides may stand anywhere on the line. Bad input ends with a
+short message naming the key and the fix and exit status 2, never a traceback
+(`lrft.errors.run_command`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import subprocess
 import sys
-from pathlib import Path
-
-TRAIN_SCRIPT = Path(__file__).with_name("train.py")
 
 EPILOG = """examples:
   lrft check recipes/bert/standard.yaml optim.learning_rate=3e-5
@@ -24,6 +25,7 @@ EPILOG = """examples:
   lrft compare recipes/glue/compare-cpu.yaml
   lrft lr-guide
 """
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.-]*=")  # `section.key=value`, `tasks=[rte]`: not an option
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a recipe and print it resolved")
     _add_recipe_args(p)
 
-    p = sub.add_parser("compare", help="compare optimizers x tasks x seeds on GLUE")
+    p = sub.add_parser("compare", help="compare optimizers x tasks x seeds (x LRs)")
     p.add_argument("recipe", nargs="?", help="comparison recipe (recipes/glue/compare-*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--report", metavar="DIR",
@@ -76,20 +78,43 @@ def _version() -> str:
     return f"lrft {__version__}"
 
 
-def _launch(args: argparse.Namespace) -> int:
-    """Run training through `accelerate launch` with the user's launcher settings."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if args.config_file:
-        cmd += ["--config_file", args.config_file]
-    if args.num_processes:
-        cmd += ["--num_processes", str(args.num_processes)]
-    cmd += [str(TRAIN_SCRIPT), args.recipe, *args.overrides]
-    return subprocess.call(cmd)
+def _overrides_after_recipe(argv: list[str]) -> list[str]:
+    """Move `key=value` tokens to just after the first positional (the recipe), so argparse
+    reads them as overrides wherever the user put them (`find-lr R --num_steps 20 k=v`)."""
+    if len(argv) < 2:
+        return argv
+    head, rest = argv[:1], argv[1:]
+    overrides = [a for a in rest if _OVERRIDE.match(a)]
+    others = [a for a in rest if not _OVERRIDE.match(a)]
+    recipe = next((i for i, a in enumerate(others) if not a.startswith("-")
+                   and (i == 0 or not _takes_value(others[i - 1]))), None)
+    if recipe is None:
+        return argv
+    return head + others[:recipe + 1] + overrides + others[recipe + 1:]
 
+
+def _takes_value(option: str) -> bool:
+    return option.startswith("--") and "=" not in option and option not in ("--apply",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command bodies
+# ---------------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.config_file or args.num_processes:
-        return _launch(args)
+    if args.config_file or args.num_processes is not None:
+        from lrft.errors import USER_ERROR_EXIT, UserError
+        from lrft.launch import accelerate_command, check_launcher
+        from lrft.recipe import load_recipe
+
+        problems = check_launcher(args.config_file, args.num_processes)
+        if problems:
+            raise UserError("; ".join(problems))
+        load_recipe(args.recipe, args.overrides)  # a bad recipe is reported here, not per process
+        code = subprocess.call(accelerate_command(args.recipe, args.overrides, quiet=True,
+                                                  config_file=args.config_file,
+                                                  num_processes=args.num_processes))
+        return USER_ERROR_EXIT if code == USER_ERROR_EXIT else code
     from lrft.train import train
 
     train(args.recipe, args.overrides)
@@ -107,17 +132,32 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from lrft import compare
+    from lrft.errors import UserError
 
     if args.report:
         compare.report(args.report)
         return 0
     if not args.recipe:
-        raise SystemExit("lrft compare: give a comparison recipe, or --report DIR")
+        raise UserError("give a comparison recipe, or --report DIR")
     summary = compare.run_comparison(args.recipe, args.overrides)
     return 1 if summary.get("failed") else 0  # a failed cell stops the comparison
 
 
 def cmd_find_lr(args: argparse.Namespace) -> int:
+    from lrft.errors import UserError
+
+    problems = []
+    if args.num_steps < 2:
+        problems.append(f"--num_steps: {args.num_steps} must be >= 2 (100 is the usual sweep)")
+    for name in ("start_mult", "end_mult"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            problems.append(f"--{name}: {value} must be a number > 0")
+    if not problems and args.start_mult and args.end_mult and args.end_mult <= args.start_mult:
+        problems.append(f"--end_mult ({args.end_mult}) must be above --start_mult "
+                        f"({args.start_mult})")
+    if problems:
+        raise UserError("; ".join(problems))
     from lrft.finder import find_lr_for_recipe
 
     find_lr_for_recipe(args.recipe, args.overrides, num_steps=args.num_steps,
@@ -142,34 +182,16 @@ COMMANDS = {"train": cmd_train, "check": cmd_check, "compare": cmd_compare,
             "find-lr": cmd_find_lr, "diagnose": cmd_diagnose, "lr-guide": cmd_lr_guide}
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that are the user's to fix: shown as a message, not a traceback."""
-    from lrft.recipe import RecipeError
-
-    errors: list[type[BaseException]] = [RecipeError, FileNotFoundError]
-    if "lrft.data" in sys.modules:
-        errors.append(sys.modules["lrft.data"].DataError)
-    if "lrft.train" in sys.modules:  # disk full or folder gone while saving a checkpoint
-        errors.append(sys.modules["lrft.train"].CheckpointError)
-    return tuple(errors)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from lrft.errors import run_command
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_overrides_after_recipe(argv))
     if args.command is None:
         parser.print_help()
         return 0
-    try:
-        return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - user errors get a message, the rest re-raise
-        if isinstance(e, _user_errors()):
-            print(f"lrft {args.command}: {e}", file=sys.stderr)
-            return 2
-        raise
+    return run_command(args.command, lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

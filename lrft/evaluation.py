@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+# The split `data.holdout_fraction` carves from the training rows: evaluated beside the dev
+# split(s), never part of the run's score (`lrft compare` can pick LRs on it).
+HOLDOUT_SPLIT = "holdout"
+
 
 @dataclass(frozen=True)
 class TaskInfo:

@@ -17,7 +17,6 @@ only the main process writes files.
 
 from __future__ import annotations
 
-import copy
 import csv
 import functools
 import math
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from accelerate.utils import send_to_device
 
+from lrft import snapshot
 from lrft.doctor import DIVERGED_LOSS_FACTOR, smooth_loss
 
 # The default sweep multiplies each group's base LR by 1e-3..1e3: six decades around the recipe's
@@ -138,7 +138,8 @@ def lr_range_test(
     base_lr = base_lr if base_lr is not None else max(bases)
     mults = _multipliers(start_mult, end_mult, num_steps, mode)
     scaler = getattr(accelerator, "scaler", None)
-    saved = _snapshot(model, optimizer, scaler)
+    saved = snapshot.take(model, optimizer)
+    saved_scaler = snapshot.cpu_copy(scaler.state_dict()) if scaler is not None else None
     try:
         with torch.random.fork_rng():  # the sweep's dropout and shuffling leave no trace
             step = functools.partial(_train_step, model, optimizer, loss_fn=loss_fn,
@@ -146,7 +147,9 @@ def lr_range_test(
             losses, stopped = _sweep(model, optimizer, _cycle(loader), mults, bases, step,
                                      smooth, diverge_factor)
     finally:
-        _restore(model, optimizer, scaler, saved)
+        snapshot.restore(model, optimizer, saved, lrs=True)
+        if scaler is not None:  # fp16 under Accelerate: the sweep moved the loss scale
+            scaler.load_state_dict(saved_scaler)
     result = _result(mults[:len(losses)], losses, base_lr, dict(zip(names, bases)), smooth,
                      stopped, mode)
     if output_dir is not None and (accelerator is None or accelerator.is_main_process):
@@ -239,48 +242,6 @@ def _clip(model, max_norm: float, accelerator) -> None:
 # Saving and restoring the state
 # ---------------------------------------------------------------------------------------------
 
-def _cpu_copy(obj):
-    """A deep copy with every tensor copied to the CPU (never aliasing a live CPU tensor)."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if type(obj) in (list, tuple):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
-def _changeable(model) -> dict[str, torch.Tensor]:
-    """What a sweep can change: trainable parameters and buffers. Frozen weights (a LoRA base, a
-    4-bit QLoRA base) never move, so they are neither copied nor reloaded."""
-    state = {f"param:{n}": p for n, p in model.named_parameters() if p.requires_grad}
-    state.update({f"buffer:{n}": b for n, b in model.named_buffers()})
-    return state
-
-
-def _snapshot(model, optimizer, scaler) -> dict:
-    lr_keys = ("lr", "initial_lr")
-    return {
-        "model": _cpu_copy(_changeable(model)),
-        "optimizer": _cpu_copy(optimizer.state_dict()),
-        "group_lrs": [{k: g[k] for k in lr_keys if k in g} for g in optimizer.param_groups],
-        "scaler": _cpu_copy(scaler.state_dict()) if scaler is not None else None,
-        "training": model.training,
-    }
-
-
-@torch.no_grad()
-def _restore(model, optimizer, scaler, saved: dict) -> None:
-    for name, tensor in _changeable(model).items():
-        tensor.copy_(saved["model"][name])
-    optimizer.load_state_dict(saved["optimizer"])  # also drops state the sweep created
-    for group, lrs in zip(optimizer.param_groups, saved["group_lrs"]):
-        group.update(lrs)
-    if scaler is not None:  # fp16 under Accelerate: the sweep moved the loss scale
-        scaler.load_state_dict(saved["scaler"])
-    model.train(saved["training"])
-
-
 # ---------------------------------------------------------------------------------------------
 # Suggestions and output
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +275,8 @@ def _suggestions(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float | None, f
     if i_min - lo >= 2:  # np.gradient needs points on both sides to mean anything
         slope = np.gradient(smoothed[lo:i_min + 1], np.log10(lrs[lo:i_min + 1]))
         steepest = float(lrs[lo + int(np.argmin(slope))])
+    if i_min == 0:  # the loss never fell below where it started: nothing to suggest
+        return None, None
     return steepest, float(lrs[i_min] / MIN_DIVISOR)
 
 
@@ -403,12 +366,10 @@ def find_lr_for_recipe(recipe_path: str | Path, overrides: list[str] | None = No
     from accelerate.utils import set_seed
 
     from lrft.recipe import load_recipe
-    from lrft.train import _make_accelerator, build_run
+    from lrft.setup import build_run, make_accelerator
 
     recipe = load_recipe(recipe_path, overrides)
-    if recipe.train.num_threads:
-        torch.set_num_threads(recipe.train.num_threads)
-    accelerator, _ = _make_accelerator(recipe)
+    accelerator, _ = make_accelerator(recipe)
     set_seed(recipe.train.seed)
     run = build_run(recipe, accelerator)
     out = Path(recipe.train.output_dir) / "find_lr"

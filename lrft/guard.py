@@ -21,11 +21,10 @@ the LR scale go back, so the run ends on its planned step.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import deque
 
-import torch
+from lrft import snapshot
 
 # A spike needs this many accepted steps of history first: the first steps of fine-tuning are
 # noisy and a mean over two or three losses is no baseline.
@@ -42,15 +41,19 @@ class DivergenceGuard:
         scheduler: the LR scheduler; its `base_lrs` are scaled so the schedule keeps the backoff.
         state: an object with `lr_scale` and `rollbacks` attributes, updated in place (the
             training loop's RunState, saved in checkpoints).
+        loss_scaling: fp16 with a loss scaler: a non-finite gradient norm with a finite loss is
+            the scaler's own overflow (it skips the step and lowers its scale, as it does a few
+            times early in every fp16 run), not divergence.
     """
 
-    def __init__(self, cfg, model, optimizer, scheduler, state):
+    def __init__(self, cfg, model, optimizer, scheduler, state, loss_scaling: bool = False):
         self.cfg, self.model, self.optimizer, self.scheduler, self.state = (
             cfg, model, optimizer, scheduler, state)
+        self.loss_scaling = loss_scaling
         self.losses: deque[float] = deque(maxlen=cfg.window)
         self.grad_norms: deque[float] = deque(maxlen=cfg.window)
         self.events: list[dict] = []
-        self.snapshot: dict | None = None
+        self.snapshot: snapshot.Snapshot | None = None
         self.snapshot_step = 0
         self._take_snapshot(step=0)
 
@@ -76,6 +79,8 @@ class DivergenceGuard:
 
     def check(self, step: int, loss: float, grad_norm: float) -> str:
         """Decide what to do with optimizer step `step` (1-based): ok, skip, rollback or stop."""
+        if self.loss_scaling and math.isfinite(loss) and not math.isfinite(grad_norm):
+            return "ok"  # the loss scaler's overflow: it skips this step itself
         found = self.problem(loss, grad_norm)
         if found is None:
             if (step - 1) % self.cfg.snapshot_steps == 0 and step > 1:
@@ -98,11 +103,7 @@ class DivergenceGuard:
 
     def rollback(self) -> None:
         """Restore the last good snapshot and multiply every group's LR by `lr_backoff`."""
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, saved in self.snapshot["params"].items():
-                params[name].copy_(saved.to(params[name].device))
-        self.optimizer.load_state_dict(copy.deepcopy(self.snapshot["optimizer"]))
+        snapshot.restore(self.model, self.optimizer, self.snapshot, lrs=False)
         self.scale_lr(self.cfg.lr_backoff)
         self.state.rollbacks += 1
         self.losses.clear()
@@ -129,24 +130,10 @@ class DivergenceGuard:
     # ---- internals -------------------------------------------------------------------------
 
     def _take_snapshot(self, step: int) -> None:
-        params = {n: p.detach().to("cpu", copy=True)
-                  for n, p in self.model.named_parameters() if p.requires_grad}
-        optimizer_state = _to_cpu(self.optimizer.state_dict())
-        self.snapshot = {"params": params, "optimizer": optimizer_state}
+        self.snapshot = snapshot.take(self.model, self.optimizer)
         self.snapshot_step = step
 
     def _event(self, step: int | None, event: str, detail: str) -> None:
         step = step if step is not None else (self.events[-1]["step"] if self.events else None)
         self.events.append({"step": step, "event": event, "detail": detail,
                             "lr_scale": self.state.lr_scale})
-
-
-def _to_cpu(obj):
-    """Deep copy of a (nested) state dict with every tensor on the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return copy.deepcopy(obj)

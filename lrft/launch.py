@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def accelerate_command(recipe: str, overrides: list[str], *, config_file: str | None = None,
-                       num_processes: int | None = None) -> list[str]:
+                       num_processes: int | None = None, quiet: bool = False) -> list[str]:
     """The command that trains `recipe` under `accelerate launch`.
 
     Args:
@@ -21,11 +21,13 @@ def accelerate_command(recipe: str, overrides: list[str], *, config_file: str | 
         overrides: `section.key=value` overrides, passed on as they are.
         config_file: an Accelerate launcher config (accelerate_configs/*.yaml).
         num_processes: processes to start; None leaves it to the config file.
+        quiet: `accelerate launch -q`: when training fails, the launcher exits 1 without its own
+            traceback (the error lrft printed is the message).
 
     Returns:
         The argv list, starting with this interpreter.
     """
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *(["-q"] if quiet else [])]
     if config_file:
         cmd += ["--config_file", str(config_file)]
     if num_processes:

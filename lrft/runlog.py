@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,21 @@ class LogWindow:
     count: Any = 0  # finite step losses summed
     samples: int = 0
     tokens: Any = 0
+    t0: float = field(default_factory=time.perf_counter)
 
-    def state_dict(self) -> dict:
-        return {"loss_sum": float(self.loss), "loss_count": int(self.count)}
+    def add_loss(self, loss) -> None:
+        """Add one optimizer step's loss (a device tensor); a non-finite loss is not averaged."""
+        import torch
 
-    def load_state_dict(self, state: dict) -> None:
-        self.loss, self.count = state.get("loss_sum", 0.0), state.get("loss_count", 0)
+        finite = torch.isfinite(loss)
+        self.loss = self.loss + torch.where(finite, loss, 0.0)
+        self.count = self.count + finite.long()
+
+    def count_batch(self, batch: dict) -> None:
+        """Count one micro-batch's rows and (non-pad) tokens."""
+        self.samples += batch["input_ids"].shape[0]
+        mask = batch.get("attention_mask")
+        self.tokens = self.tokens + (mask.sum() if mask is not None else batch["input_ids"].numel())
 
     def mean_loss(self) -> float:
         count = int(self.count)
@@ -96,6 +106,13 @@ class LogWindow:
 
     def reset(self) -> None:
         self.loss, self.count, self.samples, self.tokens = 0.0, 0, 0, 0
+        self.t0 = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": float(self.loss), "loss_count": int(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss, self.count = state.get("loss_sum", 0.0), state.get("loss_count", 0)
 
 
 # ---------------------------------------------------------------------------------------------

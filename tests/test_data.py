@@ -1,4 +1,5 @@
-"""Tests for lrft.data: loading, checks (DataError), tokenisation, causal masking, batching.
+"""Tests for lrft.data: sources, splits and hold-outs, labels, checks (DataError), tokenisation,
+causal masking, batching; sections follow the package's modules.
 
 Everything is built offline in tmp_path: a GLUE-shaped parquet folder with a README `configs:`
 header, csv/json files, and tiny tokenizers made from a word list.
@@ -14,8 +15,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
+from lrft import glue
 from lrft.data import (
     GLUE_TASKS,
+    HOLDOUT_SPLIT,
     IGNORE_INDEX,
     DataError,
     LengthGroupedSampler,
@@ -24,6 +27,7 @@ from lrft.data import (
     make_dataloader,
     padding_fraction,
     resolve_path,
+    glue_task,
     tokenize_classification,
 )
 from lrft.recipe import DataConfig
@@ -133,6 +137,15 @@ def test_glue_task_table():
     stsb = GLUE_TASKS["stsb"]
     assert (stsb.num_labels, stsb.is_regression, stsb.metrics) == (1, True, ("pearson", "spearmanr"))
     assert not any(t.is_regression for name, t in GLUE_TASKS.items() if name != "stsb")
+
+
+def test_glue_table_is_lrft_glue_s_and_lookup_raises_data_error():
+    assert GLUE_TASKS is glue.TASKS and glue_task("rte") is glue.TASKS["rte"]
+    with pytest.raises(DataError) as info:
+        glue_task("sst")
+    with pytest.raises(KeyError) as table:
+        glue.glue_task("sst")
+    assert str(info.value) == table.value.args[0] and "did you mean 'sst2'" in str(info.value)
 
 
 def test_glue_sst2(glue_dir):
@@ -316,6 +329,211 @@ def test_error_unsupported_file_type(tmp_path):
     assert "csv" in _error(Cfg(train_files=[str(path)], text_columns=["text"]))
 
 
+# --------------------------------------------------------------------------- holdout_fraction (splits)
+
+
+def _ids(ds, column="id") -> set:
+    return set(ds[column])
+
+
+def test_holdout_is_a_seeded_split_disjoint_from_train(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"text": _sentences(40), "label": [0, 1] * 20, "id": list(range(40))})
+    cfg = Cfg(train_files=[train], text_columns=["text"], holdout_fraction=0.25)
+    first, again, other = (load_classification_data(cfg, seed=s) for s in (3, 3, 4))
+    assert HOLDOUT_SPLIT == "holdout" and list(first.evals) == [HOLDOUT_SPLIT]
+    held = first.evals[HOLDOUT_SPLIT]
+    assert (len(held), len(first.train)) == (10, 30)  # ceil(0.25 x 40) held out
+    assert not _ids(held) & _ids(first.train) and _ids(held) | _ids(first.train) == set(range(40))
+    assert held["id"] == again.evals[HOLDOUT_SPLIT]["id"] and first.train["id"] == again.train["id"]
+    assert held["id"] != other.evals[HOLDOUT_SPLIT]["id"]
+    assert set(held.column_names) == set(first.train.column_names)  # labelled like train
+
+
+def test_holdout_rows_do_not_depend_on_max_train_samples(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"text": _sentences(40), "label": [0, 1] * 20, "id": list(range(40))})
+    runs = [load_classification_data(Cfg(train_files=[train], text_columns=["text"], holdout_fraction=0.2,
+                                         max_train_samples=n), seed=0) for n in (6, 20, None)]
+    assert [len(r.train) for r in runs] == [6, 20, 32]
+    held = runs[0].evals[HOLDOUT_SPLIT]["id"]
+    assert all(r.evals[HOLDOUT_SPLIT]["id"] == held for r in runs)
+    assert all(not _ids(r.train) & set(held) for r in runs)
+
+
+def test_holdout_beside_glue_dev_splits(glue_dir):
+    plain = load_classification_data(Cfg(glue_task="sst2", path=str(glue_dir)), seed=0)
+    data = load_classification_data(Cfg(glue_task="sst2", path=str(glue_dir), holdout_fraction=0.25), seed=0)
+    assert list(data.evals) == ["validation", HOLDOUT_SPLIT]
+    assert data.evals["validation"]["idx"] == plain.evals["validation"]["idx"]  # the dev set is untouched
+    assert (len(data.train), len(data.evals[HOLDOUT_SPLIT])) == (30, 10)
+    assert _ids(data.train, "idx") | _ids(data.evals[HOLDOUT_SPLIT], "idx") == _ids(plain.train, "idx")
+    assert not _ids(data.train, "idx") & _ids(data.evals[HOLDOUT_SPLIT], "idx")
+    mnli = load_classification_data(Cfg(glue_task="mnli", path=str(glue_dir), holdout_fraction=0.25), seed=0)
+    assert list(mnli.evals) == ["validation_matched", "validation_mismatched", HOLDOUT_SPLIT]
+
+
+def test_holdout_after_eval_fraction_three_disjoint_splits(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"text": _sentences(40), "label": [0, 1] * 20, "id": list(range(40))})
+    cfg = Cfg(train_files=[train], text_columns=["text"], eval_fraction=0.25)
+    plain = load_classification_data(cfg, seed=1)
+    data = load_classification_data(Cfg(**{**cfg.__dict__, "holdout_fraction": 0.2}), seed=1)
+    dev, held = data.evals["validation"], data.evals[HOLDOUT_SPLIT]
+    assert (len(dev), len(held), len(data.train)) == (10, 6, 24)  # 0.2 of the 30 rows eval_fraction left
+    assert dev["id"] == plain.evals["validation"]["id"]  # the dev hold-out does not move
+    assert not (_ids(dev) & _ids(held) or _ids(dev) & _ids(data.train) or _ids(held) & _ids(data.train))
+
+
+def test_holdout_is_capped_by_max_eval_samples_and_refused_for_causal(tmp_path, causal_tokenizer):
+    train = _csv(tmp_path, "t.csv", {"text": _sentences(40), "label": [0, 1] * 20})
+    data = load_classification_data(Cfg(train_files=[train], text_columns=["text"], holdout_fraction=0.5,
+                                        max_eval_samples=3), seed=0)
+    assert (len(data.evals[HOLDOUT_SPLIT]), len(data.train)) == (3, 20)
+    tiny = _csv(tmp_path, "tiny.csv", {"text": ["good", "bad"], "label": [1, 0]})
+    assert "holdout_fraction=0.9 of 2 train rows" in _error(
+        Cfg(train_files=[tiny], text_columns=["text"], holdout_fraction=0.9))
+    texts = _jsonl(tmp_path, "t.jsonl", [{"text": s} for s in _sentences(6)])
+    with pytest.raises(DataError, match="holdout_fraction .* is for classification"):
+        load_causal_data(Cfg(train_files=[texts], holdout_fraction=0.2), causal_tokenizer, seed=0)
+
+
+# --------------------------------------------------------------------------- labels (issue 18: #11, #12)
+
+
+def _pandas_float_labels(tmp_path) -> str:
+    """What pandas writes once a label column held a missing value: 0.0 / 1.0."""
+    frame = pd.DataFrame({"text": _sentences(9), "label": [0, 1, None] * 3}).dropna()
+    assert frame["label"].dtype == "float64"
+    path = tmp_path / "floats.csv"
+    frame.to_csv(path, index=False)
+    assert "1.0" in path.read_text()
+    return str(path)
+
+
+def test_whole_float_labels_are_classes_with_a_note(tmp_path, caplog):
+    data = load_classification_data(Cfg(train_files=[_pandas_float_labels(tmp_path)], text_columns=["text"]),
+                                    seed=0)
+    assert (data.is_regression, data.num_labels) == (False, 2)
+    assert data.train.features["labels"].dtype == "int64" and data.train["labels"] == [0, 1] * 3
+    [note] = data.notes
+    assert "floats with whole values only (0.0, 1.0)" in note and "model.num_labels: 1" in note and "\n" not in note
+    assert note in caplog.text
+
+
+def test_whole_float_labels_fit_a_glue_classification_task(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"sentence": _sentences(4), "label": [0.0, 1.0, 1.0, 0.0]})
+    data = load_classification_data(Cfg(glue_task="sst2", train_files=[train]), seed=0)
+    assert (data.num_labels, data.is_regression, data.train["labels"]) == (2, False, [0, 1, 1, 0])
+
+
+def test_regression_needs_fractional_labels_or_one_output(tmp_path):
+    whole = _pandas_float_labels(tmp_path)
+    scores = _csv(tmp_path, "s.csv", {"text": _sentences(4), "label": [0.5, 1.0, 2.25, 3.0]})
+    fractional = load_classification_data(Cfg(train_files=[scores], text_columns=["text"]), seed=0)
+    assert (fractional.is_regression, fractional.num_labels, fractional.notes) == (True, 1, [])
+    for path in (whole, _csv(tmp_path, "i.csv", {"text": _sentences(4), "label": [1, 2, 3, 5]})):
+        asked = load_classification_data(Cfg(train_files=[path], text_columns=["text"]), seed=0, num_labels=1)
+        assert (asked.is_regression, asked.num_labels) == (True, 1)
+        assert asked.train.features["labels"].dtype == "float32"
+
+
+@pytest.mark.parametrize("labels, shown", [([0, 0, 0, 0], "0"), ([1, 1, 1, 1], "1"), (["pos"] * 4, "pos")])
+def test_single_class_train_split_is_an_error(tmp_path, labels, shown):
+    train = _csv(tmp_path, "t.csv", {"text": _sentences(4), "label": labels})
+    message = _error(Cfg(train_files=[train], text_columns=["text"]))
+    assert f"train split has one class only: all 4 rows have label '{shown}'" in message
+    assert "expected at least two classes" in message and "data.where" in message
+
+
+def test_single_class_after_where_names_the_class(glue_dir):
+    message = _error(Cfg(glue_task="sst2", path=str(glue_dir), where={"label": 1}))
+    assert "all 20 rows have label 'positive'" in message
+
+
+def test_integer_labels_with_gaps_map_to_ids_not_a_huge_head(tmp_path, caplog):
+    train = _csv(tmp_path, "t.csv", {"text": _sentences(4), "label": [0, 1000, 1000, 0]})
+    data = load_classification_data(Cfg(train_files=[train], text_columns=["text"]), seed=0)
+    assert (data.num_labels, data.label_names, data.train["labels"]) == (2, ["0", "1000"], [0, 1, 1, 0])
+    [note] = data.notes
+    assert "(0, 1000)" in note and "mapped in sorted order to ids 0..1" in note and "1001-class" in note
+    assert note in caplog.text
+    ratings = _csv(tmp_path, "r.csv", {"text": _sentences(10), "label": [1, 2, 3, 4, 5] * 2})
+    dev = _csv(tmp_path, "d.csv", {"text": _sentences(2), "label": [5, 2]})
+    data = load_classification_data(Cfg(train_files=[ratings], eval_files=[dev], text_columns=["text"]), seed=0)
+    assert (data.num_labels, data.label_names) == (5, ["1", "2", "3", "4", "5"])
+    assert data.evals["validation"]["labels"] == [4, 1]
+
+
+def test_integer_ids_without_gaps_keep_their_values(tmp_path):
+    # 2 is missing from train but present in dev: 0..3 are ids, as before; no mapping, no note
+    train = _csv(tmp_path, "t.csv", {"text": _sentences(4), "label": [0, 1, 3, 0]})
+    dev = _csv(tmp_path, "d.csv", {"text": _sentences(2), "label": [2, 3]})
+    data = load_classification_data(Cfg(train_files=[train], eval_files=[dev], text_columns=["text"]), seed=0)
+    assert (data.num_labels, data.label_names, data.notes) == (4, None, [])
+    assert data.train["labels"] == [0, 1, 3, 0] and data.evals["validation"]["labels"] == [2, 3]
+
+
+def test_mapped_integer_labels_unseen_in_train_are_an_error(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"text": _sentences(4), "label": [1, 5, 1, 5]})
+    dev = _csv(tmp_path, "d.csv", {"text": _sentences(2), "label": [3, 5]})
+    message = _error(Cfg(train_files=[train], eval_files=[dev], text_columns=["text"]))
+    assert "labels [3] of validation split never occur in train" in message and "filter those rows" in message
+
+
+# --------------------------------------------------------------------------- sources: the hidden cause (#21)
+
+
+def _write(tmp_path, name, text) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_header_only_file_is_named(tmp_path):
+    header = _write(tmp_path, "header.csv", "text,label\n")
+    rows = _csv(tmp_path, "rows.csv", {"text": ["good", "bad"], "label": [1, 0]})
+    message = _error(Cfg(train_files=[header, rows], text_columns=["text"]))
+    assert f"train file {header!r} holds no rows (a header only?)" in message
+    assert "remove the file or add rows" in message and "An error occurred" not in message
+
+
+def test_all_empty_column_against_strings_names_column_and_files(tmp_path):
+    empty = _write(tmp_path, "t.csv", "text,label\n,0\n,1\n")
+    dev = _csv(tmp_path, "d.csv", {"text": ["good", "bad"], "label": [1, 0]})
+    message = _error(Cfg(train_files=[empty], eval_files=[dev], text_columns=["text"]))
+    assert f"column 'text' holds different types in different files (float64 (every value empty) in {empty!r}; " \
+           f"string in {dev!r})" in message
+    assert "fill an all-empty column or drop it" in message
+
+
+def test_int_labels_in_train_and_strings_in_eval_name_the_column(tmp_path):
+    train = _csv(tmp_path, "t.csv", {"text": ["good", "bad"], "label": [1, 0]})
+    dev = _csv(tmp_path, "d.csv", {"text": ["good", "bad"], "label": ["pos", "neg"]})
+    message = _error(Cfg(train_files=[train], eval_files=[dev], text_columns=["text"]))
+    assert f"column 'label' holds different types in different files (int64 in {train!r}; string in {dev!r})" \
+        in message and "all numbers or all strings" in message
+
+
+def test_files_with_different_columns_are_named(tmp_path):
+    first = _csv(tmp_path, "a.csv", {"text": ["good"], "label": [1]})
+    second = _csv(tmp_path, "b.csv", {"text": ["bad"], "label": [0], "source": ["rt"]})
+    message = _error(Cfg(train_files=[first, second], text_columns=["text"]))
+    assert f"{first!r} has text, label; {second!r} has text, label, source" in message
+
+
+def test_folder_source_shows_datasets_hidden_cause(tmp_path):
+    (tmp_path / "data").mkdir()
+    _write(tmp_path / "data", "train.csv", "text,label\n")
+    _csv(tmp_path / "data", "test.csv", {"text": ["good"], "label": [1]})
+    message = _error(Cfg(path=str(tmp_path / "data"), text_columns=["text"]))
+    cause = message.split("An error occurred while generating the dataset: ", 1)[1]  # datasets' words follow
+    assert "'text'" in cause and "give every file the same columns, each with one type" in cause
+
+
+def test_all_missing_text_column_says_empty_not_float(tmp_path):
+    train = _write(tmp_path, "t.csv", "text,label\n,0\n,1\n")
+    message = _error(Cfg(train_files=[train], text_columns=["text"]))
+    assert "text column 'text' of train split is empty: all 2 values are missing" in message
+
+
 # --------------------------------------------------------------------------- tokenisation and batching
 
 
@@ -457,7 +675,7 @@ def test_causal_packing_makes_full_blocks_and_keeps_masks_aligned(tmp_path, caus
     path = _jsonl(tmp_path, "pr.jsonl", rows)
     cfg = Cfg(train_files=[path], format="prompt_response", packing=True, max_length=16)
     data = load_causal_data(cfg, causal_tokenizer, seed=0)
-    assert len(data.train) > 3 and data.packing
+    assert len(data.train) > 3
     prompt_ids = {causal_tokenizer.convert_tokens_to_ids(w) for w in WORDS}
     for row in data.train:
         assert len(row["input_ids"]) == len(row["labels"]) == len(row["attention_mask"]) == 16
@@ -498,6 +716,17 @@ def test_causal_errors(tmp_path, causal_tokenizer):
     chat = _jsonl(tmp_path, "c.jsonl", [{"messages": [{"role": "user", "content": "the"}]}])
     with pytest.raises(DataError, match="no assistant message"):
         load_causal_data(Cfg(train_files=[chat], format="messages"), causal_tokenizer, seed=0)
+
+
+@pytest.mark.parametrize("fmt, rows, what", [
+    ("text", [{"text": ""}, {"text": "  "}], "all 2 texts in column 'text'"),
+    ("prompt_response", [{"prompt": "the movie", "response": ""}], "all 1 responses in column 'response'"),
+])
+def test_causal_all_empty_texts_are_an_error(tmp_path, causal_tokenizer, fmt, rows, what):
+    path = _jsonl(tmp_path, "t.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        load_causal_data(Cfg(train_files=[path], format=fmt), causal_tokenizer, seed=0)
+    assert f"{what} of train split are empty; expected text to learn from" in str(info.value)
 
 
 # --------------------------------------------------------------------------- the real local GLUE copy

@@ -170,15 +170,15 @@ def test_guard_recovers_from_nan_batch_and_lr_spike(tmp_path, tiny_bert, tiny_gl
     assert results["rollbacks"] >= 2 and results["lr_scale"] < 1.0
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert all(math.isfinite(x) for x in losses[-10:])
-    assert results["final"]["accuracy"] >= 0.9
+    assert results["final"]["validation"]["accuracy"] >= 0.9
 
 
 def test_without_guard_the_same_nan_ruins_the_run(tmp_path, tiny_bert, tiny_glue, monkeypatch):
     _inject(monkeypatch, nan_at_call=15)
     results, records = _run(tmp_path, tiny_bert, tiny_glue, guard=None)
     assert not any(r["kind"] == "guard" for r in records)
-    assert math.isnan(results["final"]["eval_loss"])  # NaN weights from step 15 on
-    assert results["final"]["accuracy"] <= 0.6
+    assert math.isnan(results["final"]["validation"]["eval_loss"])  # NaN weights from step 15 on
+    assert results["final"]["validation"]["accuracy"] <= 0.6
 
 
 def test_guard_skip_action_drops_the_nan_step(tmp_path, tiny_bert, tiny_glue, monkeypatch):
@@ -186,4 +186,4 @@ def test_guard_skip_action_drops_the_nan_step(tmp_path, tiny_bert, tiny_glue, mo
     results, records = _run(tmp_path, tiny_bert, tiny_glue, {"action": "skip"})
     events = [r["event"] for r in records if r["kind"] == "guard"]
     assert events == ["nan_loss", "skip"]
-    assert results["status"] == "completed" and results["final"]["accuracy"] >= 0.9
+    assert results["status"] == "completed" and results["final"]["validation"]["accuracy"] >= 0.9

@@ -31,7 +31,8 @@ from safetensors.torch import load_file
 import lrft.cli
 from lrft.data import DataError
 from lrft.recipe import RecipeError
-from lrft.train import CHECKPOINT_PREFIX, STATE_FILE, list_checkpoints, train
+from lrft.checkpoint import CHECKPOINT_PREFIX, STATE_FILE, list_checkpoints
+from lrft.train import train
 
 # 24 optimizer steps, a checkpoint every 4, an evaluation every 8, a train record every 3: most
 # checkpoints fall inside a logging window, whose running loss a resume must carry over.

@@ -152,8 +152,8 @@ def test_two_cpu_processes_match_one_process(one_process, tmp_path, bert_no_drop
     for a, b in zip(steps_one, steps_two):
         assert b["lr"] == a["lr"], a["step"]  # exactly, every group
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-3), a["step"]
-    final_one = json.loads((one_process / "results.json").read_text())["final"]
-    final_two = json.loads((out / "results.json").read_text())["final"]
+    final_one = json.loads((one_process / "results.json").read_text())["final"]["validation"]
+    final_two = json.loads((out / "results.json").read_text())["final"]["validation"]
     assert final_two["eval_loss"] == pytest.approx(final_one["eval_loss"], abs=1e-3)
     assert final_two["accuracy"] == final_one["accuracy"]
 
@@ -186,9 +186,9 @@ def test_lrft_train_with_launcher_options_runs_accelerate_launch_with_the_cpu_co
                             "--config_file", "accelerate_configs/cpu.yaml"])
     assert status == 0
     [cmd] = commands
-    assert cmd == [sys.executable, "-m", "accelerate.commands.launch",
+    assert cmd == [sys.executable, "-m", "accelerate.commands.launch", "-q",
                    "--config_file", "accelerate_configs/cpu.yaml", "--num_processes", "1",
-                   str(TRAIN_PY), str(recipe), "train.seed=3"]
+                   "-m", "lrft.train", str(recipe), "train.seed=3"]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "completed" and results["step"] == 3
     assert "seed: 3" in (tmp_path / "run" / "recipe.yaml").read_text()
@@ -271,7 +271,7 @@ def test_shipped_recipe_runs_its_launch_command_on_a_tiny_model(path, tmp_path, 
     assert lrft.train.main([str(REPO / command[-1]), *overrides]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "completed" and results["step"] == 2
-    assert math.isfinite(results["final"]["eval_loss"])
+    assert math.isfinite(results["final"]["validation"]["eval_loss"])
     saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     shipped = load_recipe(path)
     # What the recipe is about survived into the run: its optimizer, LR regime, LoRA setting.
@@ -292,7 +292,7 @@ def test_quickstart_recipe_runs_offline(tmp_path):
                      # recipe's 2 would also stay set for the tests run after this one).
                      "train.per_device_train_batch_size=8", "train.num_threads=1"])
     assert results["status"] == "completed" and results["step"] == 3
-    assert 0 <= results["final"]["accuracy"] <= 1 and results["main_metric"] == "accuracy"
+    assert 0 <= results["final"]["validation"]["accuracy"] <= 1 and results["main_metric"] == "accuracy"
     start = _records(tmp_path / "run", "start")[0]
     assert start["learning_rate"] == 5e-5 and start["lr_scheduler_type"] == "linear"
 
@@ -330,6 +330,6 @@ def test_qlora_with_bf16_trains_on_gpu(tmp_path, tiny_llama, causal_files):
                                  "train.mixed_precision=bf16", "train.max_steps=4"))
     out = tmp_path / "run"
     assert results["status"] == "completed" and results["step"] == 4
-    assert math.isfinite(results["final"]["eval_loss"])
+    assert math.isfinite(results["final"]["validation"]["eval_loss"])
     assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
     assert all(math.isfinite(r["loss"]) for r in _records(out, "train"))

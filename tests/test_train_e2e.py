@@ -24,6 +24,7 @@ import torch
 from conftest import bert_recipe, write_recipe
 from safetensors.torch import load_file
 
+import lrft.checkpoint
 import lrft.train
 from lrft.recipe import RecipeError
 from lrft.schedule import lr_multiplier
@@ -68,11 +69,12 @@ def test_bert_loss_falls_and_accuracy_rises(bert_run):
     assert _mean(losses[-5:]) < 0.2 < _mean(losses[:5]) - 0.4
     evals = _records(out, "eval")
     assert [e["step"] for e in evals] == [8, 16, 24, 32, 40, 48]
-    accuracy = [e["metrics"]["accuracy"] for e in evals]
+    accuracy = [e["splits"]["validation"]["accuracy"] for e in evals]
     assert accuracy[0] < 0.8 and accuracy[-1] == 1.0, accuracy
-    assert evals[-1]["metrics"]["eval_loss"] < evals[0]["metrics"]["eval_loss"] / 3
+    assert evals[-1]["splits"]["validation"]["eval_loss"] < evals[0]["splits"]["validation"]["eval_loss"] / 3
     assert results["status"] == "completed" and results["step"] == 48
-    assert results["final"] == evals[-1]["metrics"]
+    assert results["final"] == evals[-1]["splits"]
+    assert results["score"] == evals[-1]["score"] == accuracy[-1]
     assert results["main_metric"] == "accuracy" and results["best_score"] == 1.0
 
 
@@ -84,7 +86,7 @@ def test_bert_output_folder_is_a_complete_checkpoint(bert_run):
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names), names
     saved = json.loads((out / "results.json").read_text())
     assert saved["status"] == "completed" and saved["step"] == 48
-    assert saved["final"] == results["final"] and set(saved["final"]) == {"eval_loss", "accuracy"}
+    assert saved["final"] == results["final"] and set(saved["final"]["validation"]) == {"eval_loss", "accuracy"}
     assert "max_steps: 48" in (out / "recipe.yaml").read_text()
 
     # The folder is a Hugging Face checkpoint: it reloads with the labels' names and still
@@ -162,9 +164,9 @@ def test_causal_lm_trains_saves_and_reloads(fmt, lora, tmp_path, tiny_llama, cau
     # Random-init tiny Llama: ~ln(25) = 3.2 at the start. LoRA leaves the tiny lm_head and norm
     # frozen, which caps how far it can go; full fine-tuning goes further.
     assert _mean(losses[-4:]) < _mean(losses[:4]) - 0.2, losses
-    evals = [r["metrics"] for r in _records(out, "eval")]
+    evals = [r["splits"]["validation"] for r in _records(out, "eval")]
     assert len(evals) == 2 and evals[1]["eval_loss"] < evals[0]["eval_loss"]
-    final = results["final"]
+    final = results["final"]["validation"]
     assert set(final) == {"eval_loss", "perplexity"} and results["main_metric"] == "eval_loss"
     assert final["perplexity"] == pytest.approx(math.exp(final["eval_loss"]))
     if fmt == "messages":  # loss on "good"/"bad" + eos only, which the model learns
@@ -266,7 +268,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, tiny_bert, tiny_glue, capsy
     recipe = bert_recipe(tiny_bert, tiny_glue, straight, max_steps=20, save_steps=10,
                          eval_steps=6)
     res_a = train(write_recipe(tmp_path / "a.yaml", recipe))
-    assert [p.name for p in lrft.train.list_checkpoints(straight)] == ["checkpoint-10"]
+    assert [p.name for p in lrft.checkpoint.list_checkpoints(straight)] == ["checkpoint-10"]
 
     # The interrupted run: what the folder held when the run was killed after step 10.
     resumed = tmp_path / "resumed"
@@ -289,7 +291,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, tiny_bert, tiny_glue, capsy
 
     def curve(out):
         return [(r["kind"], r["step"], r.get("loss"), r.get("lr"), r.get("grad_norm"),
-                 r.get("metrics")) for r in _records(out) if r["kind"] in ("train", "eval")]
+                 r.get("splits")) for r in _records(out) if r["kind"] in ("train", "eval")]
     assert curve(resumed) == curve(straight)
     assert len(_records(resumed, "start")) == 1
 
@@ -334,7 +336,7 @@ def test_save_total_limit_and_half_written_checkpoints(tmp_path, tiny_bert, tiny
     # A crash mid-save leaves checkpoint-K.tmp, here even with its state file already written
     # (the crash came between that and the rename): resume must not pick it, and removes it.
     shutil.copytree(out / "checkpoint-6", out / "checkpoint-99.tmp")
-    assert [p.name for p in lrft.train.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+    assert [p.name for p in lrft.checkpoint.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
     capsys.readouterr()
     results = train(recipe, ["train.resume_from_checkpoint=latest", "train.max_steps=10"])
     assert f"resumed from {out / 'checkpoint-6'} at step 6" in capsys.readouterr().out
