@@ -5,11 +5,11 @@
    Measured in one process, alternating: `evaluate_model` over the full SST-2 dev set (872 rows,
    batch 64, MiniLM) with each order, --repeats times; pad share of the eval batches; accuracy
    (must be identical: the order does not change any prediction).
-2. Host syncs per training step (lrft/train.py `_loop`): the loop read the step's loss, grad norm
+2. Host syncs per training step (lrft/train.py `train_loop`): the loop read the step's loss, grad norm
    and token count back to the host every step (`.item()`, `float()`, `int()`: three device
    syncs per step on a GPU, which stall the CUDA launch queue). They now stay on the device
    and are read at logging steps (and every step only when the divergence guard is on).
-   Counted by wrapping torch.Tensor.item/__float__/__int__/__bool__ around `_loop` for --steps
+   Counted by wrapping torch.Tensor.item/__float__/__int__/__bool__ around `train_loop` for --steps
    steps (logging_steps 10), counting only calls made from lrft's own code (lrft/train.py,
    lrft/guard.py). A count, so CPU-only machines can measure it; what it buys on a GPU is not
    measurable here (see README). `--label before` stored the count of the old loop.
@@ -40,7 +40,6 @@ Run:  python bench/fixes.py [--label after] [--parts precision eval ...]
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from pathlib import Path
 from _common import GLUE, REPO, RESULTS, loadavg, median, table, write_result
 
 
-def count_syncs(T, recipe, accelerator, run, steps: int) -> float:
+def count_syncs(recipe, run, steps: int) -> float:
     import torch
 
     batches = list(run.train_loader)[:steps]
@@ -69,38 +68,42 @@ def count_syncs(T, recipe, accelerator, run, steps: int) -> float:
 
         setattr(torch.Tensor, name, wrapped)
     try:
-        sched = T._build_scheduler(recipe, run.optimizer, steps)
+        from dataclasses import replace
+
+        from lrft.checkpoint import RunState
+        from lrft.runlog import MetricsLog
+        from lrft.setup import build_schedule
+        from lrft.train import train_loop
+
+        schedule = build_schedule(replace(recipe, train=replace(recipe.train, max_steps=steps)),
+                                  run.optimizer, steps)
         out = Path(tempfile.mkdtemp(prefix="lrft-fix-"))
-        # count only the steps: the final evaluation and results are outside
-        real_eval = T._evaluate
-        T._evaluate = lambda *a, **k: {}
-        try:
-            T._loop(accelerator, recipe, run.model, run.optimizer, sched, False, batches, {},
-                    run.task_info, T.RunState(), steps, steps, T.MetricsLog(out / "m.jsonl", True),
-                    None)
-        finally:
-            T._evaluate = real_eval
+        # only the steps: no eval loaders, so the final evaluation reads nothing
+        train_loop(replace(run, train_loader=batches, eval_loaders={}), schedule, RunState(),
+                   MetricsLog(out / "m.jsonl", True))
     finally:
         for name, orig in saved.items():
             setattr(torch.Tensor, name, orig)
     return counts["n"] / steps
 
 
-def eval_order(T, recipe, accelerator, run, repeats: int) -> dict:
+def eval_order(recipe, accelerator, run, repeats: int) -> dict:
     from lrft.data import make_dataloader, padding_fraction
+    from lrft.evaluation import evaluate_model
+    from lrft.setup import load_data
 
-    dev = run.data.evals["validation"]
+    dev = load_data(recipe, run.tokenizer).evals["validation"]
     loaders = {o: accelerator.prepare(make_dataloader(dev, run.tokenizer, 64, shuffle=False, seed=0,
                                                       group_by_length=(o == "after")))
                for o in ("before", "after")}
     times = {o: [] for o in loaders}
     metrics = {}
-    T.evaluate_model(accelerator, run.model, {"validation": loaders["after"]}, run.task_info)
+    evaluate_model(accelerator, run.model, {"validation": loaders["after"]}, run.task_info)
     for r in range(repeats):
         for o in (("before", "after") if r % 2 == 0 else ("after", "before")):
             t = time.perf_counter()
-            metrics[o] = T.evaluate_model(accelerator, run.model, {"validation": loaders[o]},
-                                          run.task_info)
+            metrics[o] = evaluate_model(accelerator, run.model, {"validation": loaders[o]},
+                                        run.task_info)["validation"]
             times[o].append(time.perf_counter() - t)
         print(f"eval rotation {r + 1}: before {times['before'][-1]:.1f}s after "
               f"{times['after'][-1]:.1f}s load {loadavg()[0]}", flush=True)
@@ -266,26 +269,26 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
-    T = importlib.import_module("lrft.train")
     from lrft.recipe import load_recipe
+    from lrft.setup import build_run, make_accelerator
 
     torch.set_num_threads(a.threads)
     recipe = load_recipe(REPO / "bench/recipes/sst2-minilm.yaml", [
         f"data.path={GLUE}", f"data.max_train_samples={32 * a.steps}",
         f"train.num_threads={a.threads}", f"train.output_dir={tempfile.mkdtemp()}"])
-    accelerator, _ = T._make_accelerator(recipe)
-    run = T.build_run(recipe, accelerator)
+    accelerator, _ = make_accelerator(recipe)
+    run = build_run(recipe, accelerator)
     previous = RESULTS / "fixes.json"
     result = json.loads(previous.read_text()) if previous.exists() else {}
     result.pop("benchmark", None), result.pop("time", None), result.pop("machine", None)
     if "syncs" in a.parts:
         syncs = result.setdefault("host_syncs_per_step", {})
-        syncs[a.label] = count_syncs(T, recipe, accelerator, run, a.steps)
+        syncs[a.label] = count_syncs(recipe, run, a.steps)
         syncs["steps_counted"] = a.steps
         syncs["logging_steps"] = recipe.train.logging_steps
         print(f"host syncs per step ({a.label}): {syncs[a.label]:.2f}")
     if "eval" in a.parts:
-        result["eval_order"] = eval_order(T, recipe, accelerator, run, a.repeats)
+        result["eval_order"] = eval_order(recipe, accelerator, run, a.repeats)
         e = result["eval_order"]
         rows = [{"eval order": o, "eval s (median)": v["eval_s_median"], "pad share":
                  v["pad_fraction"], "accuracy": v["accuracy"]} for o, v in e.items()]

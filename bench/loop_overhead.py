@@ -3,7 +3,7 @@
 One process builds MiniLM, its param groups, AdamW and Accelerate through lrft's own `build_run`
 (bench/recipes/sst2-minilm.yaml), takes a fixed list of SST-2 training batches from lrft's
 loader (each cut or padded to --seq_len tokens, so all steps do equal work), then runs blocks of --steps optimizer steps over that list, rotating between:
-  lrft       `lrft.train._loop`, the real loop: accumulate(), loss bookkeeping, tokens count,
+  lrft       `lrft.train.train_loop`, the real loop: accumulate(), loss bookkeeping, tokens count,
              clip_grad_norm_ (recipe default max_grad_norm 1.0), guard hook (off), tqdm,
              metrics.jsonl every logging_steps (10), the LR scheduler
   bare+clip  the canonical Accelerate loop (model(**batch), accelerator.backward, optimizer.step,
@@ -74,10 +74,13 @@ def main() -> None:
     import torch
     from transformers import get_scheduler
 
-    import importlib
+    from dataclasses import replace
 
-    T = importlib.import_module("lrft.train")  # `lrft.train` the attribute is the function
+    from lrft.checkpoint import RunState
     from lrft.recipe import load_recipe
+    from lrft.runlog import MetricsLog
+    from lrft.setup import build_run, build_schedule, make_accelerator
+    from lrft.train import train_loop
 
     out = Path(tempfile.mkdtemp(prefix="lrft-loop-"))
     model_args = [f"model.name_or_path={_tiny_bert(out / 'tiny-bert')}"] if a.tiny else []
@@ -88,8 +91,8 @@ def main() -> None:
         f"train.num_threads={a.threads}", f"train.output_dir={out / 'run'}",
         f"train.mixed_precision={a.mixed_precision}", *model_args])
     torch.set_num_threads(a.threads)
-    accelerator, _ = T._make_accelerator(recipe)
-    run = T.build_run(recipe, accelerator)
+    accelerator, _ = make_accelerator(recipe)
+    run = build_run(recipe, accelerator)
     model, optimizer = run.model, run.optimizer
     # Every batch cut or padded to --seq_len tokens, so every step does the same work and the
     # median step is a fair summary (SST-2 batches otherwise range from ~160 to ~800 tokens).
@@ -102,11 +105,11 @@ def main() -> None:
 
     def lrft_block() -> TimedBatches:
         timed = TimedBatches(batches)
-        sched = T._build_scheduler(recipe, optimizer, a.steps)
-        log = T.MetricsLog(out / "metrics.jsonl", True)
+        schedule = build_schedule(replace(recipe, train=replace(recipe.train, max_steps=a.steps)),
+                                  optimizer, a.steps)
+        log = MetricsLog(out / "metrics.jsonl", True)
         sync()
-        T._loop(accelerator, recipe, model, optimizer, sched, False, timed, {}, run.task_info,
-                T.RunState(), a.steps, a.steps, log, None)
+        train_loop(replace(run, train_loader=timed, eval_loaders={}), schedule, RunState(), log)
         timed.end = _synced(sync)
         return timed
 

@@ -122,7 +122,7 @@ def effective_lr(recipe: Recipe, num_processes: int) -> tuple[float, str | None]
     return lr, note
 
 
-def _load_data(recipe: Recipe, tokenizer):
+def load_data(recipe: Recipe, tokenizer):
     """Datasets for the recipe's task, tokenised (classification) or built (causal LM)."""
     from lrft import data
 
@@ -189,7 +189,7 @@ def build_run(recipe: Recipe, accelerator) -> Run:
     # ---- data -----------------------------------------------------------------------------
     tokenizer = load_tokenizer(recipe.model)
     with accelerator.main_process_first():  # the main process tokenises and fills the cache
-        data = _load_data(recipe, tokenizer)
+        data = load_data(recipe, tokenizer)
     train_loader, eval_loaders = _loaders(recipe, tokenizer, data)
 
     # ---- model (+LoRA) --------------------------------------------------------------------
