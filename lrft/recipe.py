@@ -51,6 +51,9 @@ class ModelConfig:
     gguf_file: str | None = None  # a GGUF file inside name_or_path (weights are dequantised)
     tokenizer: str | None = None  # defaults to name_or_path
     trust_remote_code: bool = False  # runs code from the model repo: only when you trust it
+    # A checkpoint whose classification head has another label count (an MNLI model on RTE):
+    # re-initialise the head, as run_glue.py's flag does; false refuses instead.
+    ignore_mismatched_sizes: bool = True
     gradient_checkpointing: bool = False
 
 
@@ -304,15 +307,45 @@ def validate(r: Recipe) -> list[str]:
                 p.append(f"{section}.{f.name}: {value} is not a finite number")
     p += _validate_model(r) + _validate_data(r) + _validate_optim(r)
     p += _validate_schedule(r) + _validate_train(r) + _validate_lora(r) + _validate_guard(r)
+    p += _validate_log(r)
     return p
 
 
+# Attention kernels transformers can load a model with (`attn_implementation`); a name with a
+# slash is a kernel from the Hub's `kernels` library (e.g. kernels-community/flash-attn).
+ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
+             "flash_attention_4", "paged|eager", "paged|sdpa", "paged|flash_attention_2")
+# Trackers Accelerate logs to (accelerate.utils.LoggerType) and the package each one needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow",
+            "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive",
+            "swanlab": "swanlab", "trackio": "trackio"}
+
+
 def _validate_model(r: Recipe) -> list[str]:
-    p = []
-    if not r.model.name_or_path:
+    p, m = [], r.model
+    if not m.name_or_path:
         p.append("model.name_or_path: missing; set a hub id (bert-base-uncased) or a local folder")
-    if r.model.num_labels is not None and r.model.num_labels < 1:
-        p.append(f"model.num_labels: {r.model.num_labels} must be >= 1 (1 = regression)")
+    if m.num_labels is not None and m.num_labels < 1:
+        p.append(f"model.num_labels: {m.num_labels} must be >= 1 (1 = regression)")
+    attn = m.attn_implementation
+    if attn is not None and attn not in ATTENTION and "/" not in attn:
+        p.append(f"model.attn_implementation: unknown kernel {attn!r}; "
+                 f"{suggest(attn, ATTENTION, 'choose from')} (or null for the model's default)")
+    return p
+
+
+def _validate_log(r: Recipe) -> list[str]:
+    p, names = [], r.log.report_to
+    for name in names:
+        if name == "none":
+            if len(names) > 1:
+                p.append(f"log.report_to: {names} mixes none with trackers; use [none] alone")
+        elif name not in TRACKERS:
+            p.append(f"log.report_to: unknown tracker {name!r}; "
+                     f"{suggest(name, [*TRACKERS, 'none'], 'choose from')}")
+        elif importlib.util.find_spec(TRACKERS[name]) is None:
+            p.append(f"log.report_to: {name} is not installed (the run would go untracked); "
+                     f"pip install {TRACKERS[name].replace('_', '-')}, or remove it")
     return p
 
 

@@ -160,10 +160,13 @@ def _model(recipe: Recipe, accelerator, tokenizer, data):
     if why:
         say(accelerator, why)
     cfg = replace(recipe.model, attn_implementation=attn)
+    notes: list[str] = []
     model = load_model(cfg, recipe.lora, num_labels=getattr(data, "num_labels", None),
                        is_regression=getattr(data, "is_regression", False),
                        label_names=getattr(data, "label_names", None),
-                       pad_token_id=tokenizer.pad_token_id)
+                       pad_token_id=tokenizer.pad_token_id, notes=notes)
+    for note in notes:
+        say(accelerator, note)
     trainable, total = count_parameters(model)
     say(accelerator, f"model: {type(model).__name__}, {trainable:,} of {total:,} parameters "
                      f"trainable")
@@ -181,12 +184,16 @@ def build_run(recipe: Recipe, accelerator) -> Run:
     Raises:
         RecipeError, DataError: the recipe's model or data cannot be used.
     """
+    from lrft.errors import RecipeError
     from lrft.evaluation import task_info
     from lrft.groups import format_group_table, param_groups
-    from lrft.models import load_tokenizer
+    from lrft.models import check_model_fits, load_tokenizer
     from lrft.optim import build_optimizer, recipe_kwargs
 
     # ---- data -----------------------------------------------------------------------------
+    problems = check_model_fits(recipe.model, recipe.data.max_length)
+    if problems:
+        raise RecipeError(problems, recipe.source)
     tokenizer = load_tokenizer(recipe.model)
     with accelerator.main_process_first():  # the main process tokenises and fills the cache
         data = load_data(recipe, tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lrft.models import load_model
@@ -50,3 +51,82 @@ def test_lora_keeps_the_frozen_base_in_the_load_dtype(tiny_llama):
 def test_an_fp32_checkpoint_is_left_as_it_is(tiny_llama):
     model = _causal(tiny_llama, "float32")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint's classification head of another size; what the model can take
+# ---------------------------------------------------------------------------------------------
+
+def _three_label_checkpoint(tiny_bert, folder):
+    """The tiny BERT saved with a 3-label classification head (an 'MNLI model')."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3).save_pretrained(
+        folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json"):
+        if (tiny_bert / name).exists():
+            shutil.copy(tiny_bert / name, folder / name)
+    return folder
+
+
+def test_a_head_of_another_size_is_reinitialised_with_one_line(tiny_bert, tmp_path):
+    three = _three_label_checkpoint(tiny_bert, tmp_path / "mnli-like")
+    notes = []
+    model = load_model(ModelConfig(name_or_path=str(three)), LoraConfig(), num_labels=2,
+                       notes=notes)
+    assert model.classifier.weight.shape == (2, 32)
+    (note,) = notes
+    assert "classifier.weight [3, 32] -> [2, 32]" in note and "re-initialised" in note
+
+
+def test_a_head_mismatch_can_be_refused_from_the_recipe(tiny_bert, tmp_path):
+    from lrft.errors import RecipeError
+
+    three = _three_label_checkpoint(tiny_bert, tmp_path / "mnli-like")
+    cfg = ModelConfig(name_or_path=str(three), ignore_mismatched_sizes=False)
+    with pytest.raises(RecipeError, match="model.ignore_mismatched_sizes: false"):
+        load_model(cfg, LoraConfig(), num_labels=2)
+
+
+def test_a_new_head_is_one_line_not_a_load_report(tiny_bert, capsys):
+    notes = []
+    load_model(ModelConfig(name_or_path=str(tiny_bert)), LoraConfig(), num_labels=2, notes=notes)
+    assert notes == ["model: new classification head (classifier.bias, classifier.weight) for "
+                     "2 label(s)"]
+    captured = capsys.readouterr()
+    assert "LOAD REPORT" not in captured.out + captured.err
+
+
+def test_max_length_above_the_position_limit_is_named(tiny_bert):
+    from lrft.models import check_model_fits
+
+    cfg = ModelConfig(name_or_path=str(tiny_bert))
+    assert check_model_fits(cfg, 64) == []
+    (problem,) = check_model_fits(cfg, 1024)
+    assert problem.startswith("data.max_length: 1024 is above") and "<= 64" in problem
+
+
+def test_an_encoder_is_not_a_causal_lm(tiny_bert):
+    from lrft.models import check_model_fits
+
+    (problem,) = check_model_fits(ModelConfig(name_or_path=str(tiny_bert), task="causal_lm"), 32)
+    assert problem.startswith("model.task: causal_lm, but") and "bert encoder" in problem
+
+
+def test_lora_runs_say_nothing_about_bitsandbytes_kernels(tiny_bert, tiny_glue, tmp_path):
+    """bitsandbytes (imported by peft) warns about an optional CPU kernel on import: not shown."""
+    import subprocess
+    import sys
+
+    from conftest import bert_recipe, write_recipe
+
+    recipe = bert_recipe(tiny_bert, tiny_glue, tmp_path / "run", max_steps=2, eval_steps=None)
+    recipe["lora"] = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["query", "value"]}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    done = subprocess.run([sys.executable, "-m", "lrft.cli", "train", str(path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bitsandbytes" not in done.stderr and "gemm_4bit" not in done.stderr

@@ -186,7 +186,7 @@ def test_base_must_be_a_path(tmp_path: Path):
     ("optim.learning_rate=1", "optim", "learning_rate", 1.0),
     ("train.max_steps=100", "train", "max_steps", 100),
     ("model.gradient_checkpointing=true", "model", "gradient_checkpointing", True),
-    ("log.report_to=[wandb, tensorboard]", "log", "report_to", ["wandb", "tensorboard"]),
+    ("log.report_to=[tensorboard]", "log", "report_to", ["tensorboard"]),
     ("train.max_grad_norm=null", "train", "max_grad_norm", None),
     ("train.output_dir=runs/a:b", "train", "output_dir", "runs/a:b"),
 ])
@@ -369,3 +369,30 @@ def test_explicit_lists_only_what_was_set(minimal: Path):
     assert recipe.explicit == {"model.name_or_path", "data.glue_task", "optim.learning_rate"}
 
 
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("log.report_to=[tensorbord]", "log.report_to: unknown tracker 'tensorbord'; did you mean "
+                                   "'tensorboard'?"),
+    ("log.report_to=[none, tensorboard]", "log.report_to: ['none', 'tensorboard'] mixes none"),
+    ("model.attn_implementation=sdap", "model.attn_implementation: unknown kernel 'sdap'; did "
+                                       "you mean 'sdpa'?"),
+])
+def test_keys_with_a_known_set_of_values_are_checked(minimal: Path, override: str, expected: str):
+    (problem,) = problems_of(minimal, [override])
+    assert problem.startswith(expected)
+
+
+def test_a_tracker_that_is_not_installed_is_named(minimal: Path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlflow" else real(name, *a))
+    (problem,) = problems_of(minimal, ["log.report_to=[mlflow]"])
+    assert "mlflow is not installed" in problem and "pip install mlflow" in problem
+
+
+def test_hub_kernels_and_known_kernels_pass(minimal: Path):
+    for kernel in ("eager", "sdpa", "flash_attention_2", "kernels-community/flash-attn"):
+        assert load_recipe(minimal, [f"model.attn_implementation={kernel}"])

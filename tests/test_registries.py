@@ -152,3 +152,11 @@ def test_every_glue_task_scores_from_what_its_metric_computes(task):
     assert set(score_metrics(task)) <= set(computed)
     splits = {split: computed for split in glue.TASKS[task].eval_splits}
     assert glue.score(task, splits) == pytest.approx(1.0)
+
+
+def test_the_trackers_the_recipe_knows_are_accelerates():
+    from accelerate.utils import LoggerType
+
+    from lrft.recipe import TRACKERS
+
+    assert set(TRACKERS) == {t.value for t in LoggerType} - {"all"}
