@@ -9,19 +9,23 @@ and the logging window (so a resumed run logs the same averages). It is written 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import socket
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lrft.errors import CheckpointError, RecipeError
+from lrft.errors import CheckpointError, RecipeError, UserError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "lrft_state.json"  # written last inside a checkpoint: its presence marks it complete
 SCHEDULER_FILE = "scheduler.json"  # the LR scheduler's state_dict (plain numbers and lists)
 RUN_FILES = ("metrics.jsonl", "results.json")  # a folder holding one of these holds a run
+LOCK_FILE = ".lrft-run.lock"  # held for the life of a run: one run per folder at a time
 
 
 @dataclass
@@ -51,7 +55,8 @@ def list_checkpoints(out: Path) -> list[Path]:
 
 
 def holds_run(out: Path) -> bool:
-    """Whether `out` holds (part of) a run: a metrics log, results or a checkpoint."""
+    """Whether `out` holds (part of) a run: a metrics log, results or a checkpoint (a lock alone
+    is the current run's)."""
     out = Path(out)
     return out.is_dir() and any((out / n).exists() for n in RUN_FILES) or bool(list_checkpoints(out))
 
@@ -76,7 +81,7 @@ def prepare_output_dir(train, is_main: bool) -> Path | None:
                                f"train.resume_from_checkpoint=latest, or replace it with "
                                f"train.overwrite_output_dir=true, or choose another folder"])
         if is_main:
-            shutil.rmtree(out)
+            _empty(out)
     if is_main:
         _make_writable(out)
         for stale in out.glob(f"{CHECKPOINT_PREFIX}*.tmp"):  # left by a crash during a save
@@ -100,6 +105,17 @@ def _checkpoint_to_resume(train, out: Path) -> Path | None:
                                f"{CHECKPOINT_PREFIX}N folder"])
         return resume
     return None
+
+
+def _empty(out: Path) -> None:
+    """Delete a run folder's contents, keeping this run's lock."""
+    for item in out.iterdir():
+        if item.name == LOCK_FILE:
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
 
 
 def _make_writable(out: Path) -> None:
@@ -176,3 +192,113 @@ def load_checkpoint(accelerator, checkpoint: Path, scheduler) -> tuple[RunState,
     fields = {f.name for f in dataclasses.fields(RunState)}
     state = RunState(**{k: v for k, v in saved["run"].items() if k in fields})
     return state, saved.get("log", {})
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per folder
+# ---------------------------------------------------------------------------------------------
+
+class RunLock:
+    """An exclusive lock on a run folder, held for the life of the run (main process only).
+
+    The lock is a file created with O_EXCL (atomic on local and NFS v3+ file systems) holding the
+    holder's pid, host and start time. A second run on the same folder gets a clear error naming
+    the holder. A lock left by a process that is gone is taken over when the holder ran on this
+    host (its pid no longer exists); from another host lrft cannot tell, and the error says how to
+    remove it.
+    """
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> str | None:
+        """Take the lock; return a note when a stale lock was taken over.
+
+        Raises:
+            UserError: another live run holds the folder.
+        """
+        note = None
+        for _ in range(2):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if not self._stale(holder):
+                    raise UserError(self._busy(holder)) from None
+                note = (f"took over the lock of a run that is gone (pid {holder.get('pid')} on "
+                        f"{holder.get('host')}, started {holder.get('started')})")
+                self.path.unlink(missing_ok=True)
+                continue
+            except OSError as e:
+                raise RecipeError([f"train.output_dir: cannot write to {self.path.parent} "
+                                   f"({e.strerror or e}); choose a writable folder"]) from e
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            self.held = True
+            return note
+        raise UserError(self._busy(self._holder()))
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def _holder(self) -> dict:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        pid = holder.get("pid")
+        if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+    def _busy(self, holder: dict) -> str:
+        who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+               if holder else "unknown holder")
+        return (f"train.output_dir: {self.path.parent} is in use by another run ({who}); wait "
+                f"for it or choose another folder. If that process is gone (a crashed node), "
+                f"delete {self.path} and run again")
+
+
+@contextlib.contextmanager
+def hold_run_folder(accelerator, out: Path):
+    """Hold the run folder's lock for the body of the `with` (taken by the main process; every
+    process learns whether it was taken, so a refused run stops everywhere).
+
+    Yields:
+        A note when a stale lock was taken over, else None.
+
+    Raises:
+        UserError: another run holds the folder.
+    """
+    lock = RunLock(out)
+    outcome: list = [None, None]  # [error message, note]
+    if accelerator.is_main_process:
+        try:
+            outcome[1] = lock.acquire()
+        except UserError as e:
+            outcome[0] = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome, from_process=0)
+    if outcome[0]:
+        raise UserError(outcome[0])
+    try:
+        yield outcome[1]
+    finally:
+        lock.release()

@@ -94,25 +94,22 @@ ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "deberta", "debert
                  "distilbert", "albert", "camembert", "mpnet", "ernie", "modernbert")
 
 
-def check_model_fits(cfg: ModelConfig, max_length: int) -> list[str]:
-    """Problems between the recipe and the model's config, found before loading weights.
+def check_model_fits(cfg: ModelConfig) -> tuple[list[str], int | None]:
+    """What the model's config says about the recipe, before any weights are loaded.
 
     Returns:
-        Messages naming the key and the fix: `data.max_length` above the model's position
-        limit; an encoder asked to be a causal LM.
+        (problems, position_limit): problems name the key and the fix (an encoder asked to be a
+        causal LM); position_limit is the longest sequence the model takes, when it says.
     """
     config = load_config(cfg)
     problems = []
-    limit = getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and max_length > limit:
-        problems.append(f"data.max_length: {max_length} is above {cfg.name_or_path}'s position "
-                        f"limit ({limit} tokens); set data.max_length <= {limit}")
     if cfg.task == "causal_lm" and getattr(config, "model_type", None) in ENCODER_TYPES:
         problems.append(f"model.task: causal_lm, but {cfg.name_or_path} is a "
                         f"{config.model_type} encoder: its attention sees the tokens it should "
                         f"predict; use a causal LM (a decoder) or model.task: "
                         f"sequence_classification")
-    return problems
+    limit = getattr(config, "max_position_embeddings", None)
+    return problems, limit if isinstance(limit, int) and limit > 0 else None
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -3,9 +3,10 @@
 `auto` (the default) means: the launcher's precision when it asked for one (`accelerate launch
 --mixed_precision bf16`, or a config file saying bf16/fp16), otherwise bf16 autocast where the
 hardware computes bf16 natively, otherwise fp32. Native bf16 is an Ampere-or-newer GPU (A100, H100,
-RTX 30xx+) or a CPU with AMX tiles (Intel Xeon Sapphire Rapids and newer), where bf16 matrix
-multiplies run ~4x faster than fp32 (bench/fixes.py). fp16 is never picked automatically: it needs
-loss scaling and overflows where bf16 does not. Weights, gradients and optimizer state stay fp32
+RTX 30xx+) or a CPU with AMX tiles (Intel Xeon Sapphire Rapids and newer) or AVX512-BF16
+instructions (AMD EPYC Zen 4 and newer, Intel Cooper Lake), where a MiniLM training step runs
+about 2x faster under bf16 autocast (bench/cpu_bf16.py, one row per CPU measured). fp16 is
+never picked automatically: it needs loss scaling and overflows where bf16 does not. Weights, gradients and optimizer state stay fp32
 under autocast; only the forward/backward matmuls run in bf16.
 
 On CPU one kernel spoils the gain: torch's SDPA "flash" kernel is 2-6x slower in bf16 than in fp32
@@ -28,13 +29,22 @@ CPU_BF16_EAGER_BELOW = 256
 
 
 def native_bf16(device: torch.device) -> bool:
-    """True when `device` computes bf16 matmuls in hardware: Ampere+ GPUs, CPUs with AMX."""
+    """True when `device` computes bf16 matmuls in hardware: Ampere+ GPUs; CPUs with AMX tiles
+    or AVX512-BF16 instructions (bench/cpu_bf16.py measures what each gains)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(amx and amx())
+        return _cpu_has("_is_amx_tile_supported") or _cpu_has("_is_avx512_bf16_supported")
     return False
+
+
+def _cpu_bf16_units() -> str:
+    return "AMX" if _cpu_has("_is_amx_tile_supported") else "AVX512-BF16"
+
+
+def _cpu_has(check: str) -> bool:
+    probe = getattr(torch.cpu, check, None)  # private torch probes: absent is "no"
+    return bool(probe and probe())
 
 
 def resolve_mixed_precision(asked: str | None, device: torch.device) -> tuple[str | None, str]:
@@ -55,7 +65,7 @@ def resolve_mixed_precision(asked: str | None, device: torch.device) -> tuple[st
         return launcher, f"auto: the launcher asked for {launcher}"
     if native_bf16(device):
         what = "this GPU computes bf16 natively" if device.type == "cuda" else \
-            "this CPU has AMX bf16 units"
+            f"this CPU computes bf16 natively ({_cpu_bf16_units()})"
         return "bf16", f"auto: {what}; train.mixed_precision: \"no\" for fp32"
     return "no", f"auto: no native bf16 on {device.type}"
 

@@ -180,7 +180,10 @@ def number(value: Any) -> float:
     """A logged value as a float; NaN for a missing, non-numeric or boolean value."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return math.nan
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer beyond float range
+        return math.inf if value > 0 else -math.inf
 
 
 def _parse_line(line: str) -> dict | None:
@@ -193,9 +196,12 @@ def _parse_line(line: str) -> dict | None:
 
 def _step_of(record: dict, default: int | None = None) -> int | None:
     step = record.get("step", default)
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
+    if isinstance(step, bool) or not isinstance(step, (int, float)):
         return default
-    return int(step)
+    try:
+        return int(step) if math.isfinite(step) else default
+    except OverflowError:  # a JSON integer beyond float range
+        return default
 
 
 def _eval_record(record: dict) -> dict:

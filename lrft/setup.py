@@ -191,9 +191,13 @@ def build_run(recipe: Recipe, accelerator) -> Run:
     from lrft.optim import build_optimizer, recipe_kwargs
 
     # ---- data -----------------------------------------------------------------------------
-    problems = check_model_fits(recipe.model, recipe.data.max_length)
+    problems, limit = check_model_fits(recipe.model)
     if problems:
         raise RecipeError(problems, recipe.source)
+    if limit is not None and recipe.data.max_length > limit:
+        say(accelerator, f"data.max_length: {recipe.data.max_length} is above the model's "
+                         f"position limit; sequences are cut at {limit} tokens")
+        recipe = replace(recipe, data=replace(recipe.data, max_length=limit))
     tokenizer = load_tokenizer(recipe.model)
     with accelerator.main_process_first():  # the main process tokenises and fills the cache
         data = load_data(recipe, tokenizer)

@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from lrft.checkpoint import RunState, load_checkpoint, prepare_output_dir, save_checkpoint
+from lrft.checkpoint import (RunState, hold_run_folder, load_checkpoint, prepare_output_dir,
+                             save_checkpoint)
 from lrft.evaluation import HOLDOUT_SPLIT, evaluate_model
 from lrft.recipe import Recipe, dump_recipe, load_recipe
 from lrft.runlog import LogWindow, MetricsLog
@@ -51,13 +52,23 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> di
         recipe = load_recipe(recipe, overrides)
     t = recipe.train
 
-    # ---- accelerator and output folder ------------------------------------------------------
+    # ---- accelerator; the run folder is held for the life of the run -------------------------
+    accelerator, precision_why = make_accelerator(recipe)
+    with hold_run_folder(accelerator, Path(t.output_dir)) as lock_note:
+        if lock_note:
+            say(accelerator, f"lrft: {lock_note}")
+        return _train(recipe, accelerator, precision_why)
+
+
+def _train(recipe: Recipe, accelerator, precision_why: str) -> dict:
+    """The phases of `train` once the run folder is held."""
     from accelerate.utils import set_seed
 
-    accelerator, precision_why = make_accelerator(recipe)
+    t = recipe.train
     set_seed(t.seed)
     out = Path(t.output_dir)
     resume_dir = prepare_output_dir(t, accelerator.is_main_process)
+    changes = _recipe_changes(out, recipe) if resume_dir is not None else {}
     accelerator.wait_for_everyone()
     log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
     say(accelerator, f"lrft: {recipe.source or 'recipe'} -> {out}  ({accelerator.num_processes} "
@@ -77,6 +88,7 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> di
         window.load_state_dict(log_state)
         log.truncate(state.step)
         say(accelerator, f"resumed from {resume_dir} at step {state.step}")
+        _apply_changes(run, schedule, state, changes, log, resume_dir)
     elif t.resume_from_checkpoint == "latest":
         log.truncate(0)  # killed before its first checkpoint: its records would be repeated
         say(accelerator, "resume_from_checkpoint: latest: no checkpoint yet, starting fresh")
@@ -111,6 +123,40 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> di
         say(accelerator, f"saved model and results to {out}")
     accelerator.end_training()
     return results
+
+
+def _recipe_changes(out: Path, recipe: Recipe) -> dict[str, list]:
+    """What differs from the recipe the run started with; refuses what must not (lrft/resume.py)."""
+    import yaml
+
+    from lrft.resume import check_changes, recipe_changes
+
+    saved_file = out / "recipe.yaml"
+    saved = yaml.safe_load(saved_file.read_text()) if saved_file.is_file() else {}
+    changes = recipe_changes(saved if isinstance(saved, dict) else {}, recipe.to_dict())
+    check_changes(changes, done_steps=0, total_steps=0)
+    return changes
+
+
+def _apply_changes(run: Run, schedule: Schedule, state: RunState, changes: dict, log: MetricsLog,
+                   checkpoint: Path) -> None:
+    """Apply the safe changes of a resumed recipe for real, and record them."""
+    from lrft.resume import apply_lr_change, check_changes, describe
+
+    check_changes(changes, done_steps=state.step, total_steps=schedule.total)
+    if "optim.learning_rate" in changes:
+        old, new = changes["optim.learning_rate"]
+        apply_lr_change(run.optimizer, schedule.scheduler, old, new)
+    shown = describe(changes)
+    for line in shown:
+        say(run.accelerator, line)
+    if shown:
+        log.write({"kind": "resume", "step": state.step, "checkpoint": checkpoint.name,
+                   "changes": {k: v for k, v in changes.items()
+                               if k not in ("train.resume_from_checkpoint",
+                                            "train.overwrite_output_dir")},
+                   "num_training_steps": schedule.total, "learning_rate": run.lr,
+                   "groups": group_lrs(run.optimizer, "initial_lr"), "time": time.time()})
 
 
 def _start_record(run: Run, schedule: Schedule) -> dict:

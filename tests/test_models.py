@@ -100,20 +100,26 @@ def test_a_new_head_is_one_line_not_a_load_report(tiny_bert, capsys):
     assert "LOAD REPORT" not in captured.out + captured.err
 
 
-def test_max_length_above_the_position_limit_is_named(tiny_bert):
-    from lrft.models import check_model_fits
+def test_max_length_above_the_position_limit_is_cut_with_a_note(tiny_bert, tiny_glue, tmp_path,
+                                                                 capsys):
+    from conftest import bert_recipe, write_recipe
 
-    cfg = ModelConfig(name_or_path=str(tiny_bert))
-    assert check_model_fits(cfg, 64) == []
-    (problem,) = check_model_fits(cfg, 1024)
-    assert problem.startswith("data.max_length: 1024 is above") and "<= 64" in problem
+    from lrft.train import train
+
+    recipe = bert_recipe(tiny_bert, tiny_glue, tmp_path / "run", max_steps=2, eval_steps=None)
+    recipe["data"]["max_length"] = 1024  # the tiny BERT has 64 positions
+    results = train(write_recipe(tmp_path / "r.yaml", recipe))
+    assert results["status"] == "completed"
+    assert "data.max_length: 1024 is above the model's position limit; sequences are cut at 64" \
+        in capsys.readouterr().out
 
 
 def test_an_encoder_is_not_a_causal_lm(tiny_bert):
     from lrft.models import check_model_fits
 
-    (problem,) = check_model_fits(ModelConfig(name_or_path=str(tiny_bert), task="causal_lm"), 32)
+    (problem,), limit = check_model_fits(ModelConfig(name_or_path=str(tiny_bert), task="causal_lm"))
     assert problem.startswith("model.task: causal_lm, but") and "bert encoder" in problem
+    assert limit == 64
 
 
 def test_lora_runs_say_nothing_about_bitsandbytes_kernels(tiny_bert, tiny_glue, tmp_path):

@@ -77,10 +77,16 @@ def test_a_launcher_saying_no_does_not_stop_auto(hardware_bf16, monkeypatch):
     assert resolve_mixed_precision("auto", CPU)[0] == "bf16"
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_native_bf16_on_cpu_means_amx(amx, monkeypatch):
+@pytest.mark.parametrize("amx, avx512_bf16", [(True, False), (False, True), (True, True),
+                                               (False, False)])
+def test_native_bf16_on_cpu_means_amx_or_avx512_bf16(amx, avx512_bf16, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert native_bf16(CPU) is amx
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert native_bf16(CPU) is (amx or avx512_bf16)
+    if amx or avx512_bf16:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+        why = resolve_mixed_precision("auto", CPU)[1]
+        assert ("AMX" if amx else "AVX512-BF16") in why
 
 
 def test_native_bf16_on_gpu_excludes_emulation(monkeypatch):
@@ -165,7 +171,7 @@ def test_auto_trains_in_bf16_with_eager_attention_then_fp32_in_the_same_process(
     assert records[0]["kind"] == "start" and records[0]["mixed_precision"] == "bf16"
     assert model.config._attn_implementation == "eager"
     printed = capsys.readouterr().out
-    assert "mixed precision bf16: auto: this CPU has AMX bf16 units" in printed
+    assert "mixed precision bf16: auto: this CPU computes bf16 natively" in printed
     assert "attention: eager" in printed
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert sum(losses[-3:]) < sum(losses[:3])
