@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lrft.config import suggest
 from lrft.recipe import LoraConfig, ModelConfig, RecipeError, resolve_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -70,6 +71,10 @@ def _from_pretrained(loader, key: str, name: str, **kwargs):
         with _quiet_transformers():
             return loader.from_pretrained(name, **kwargs)
     except _LOAD_ERRORS as e:
+        looks_local = name.startswith((".", "/", "~"))
+        if looks_local and not Path(name).expanduser().exists():  # not "Repo id must be ..."
+            raise RecipeError([f"{key}: {name} does not exist (relative to the working "
+                               f"directory {Path.cwd()}); check the path"]) from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RecipeError([f"{key}: cannot load {name!r} ({first}); {_offline_hint(name)}"]) from e
 
@@ -273,6 +278,7 @@ def apply_lora(model, task: str, lora: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model, prepare_model_for_kbit_training
 
+    _check_target_modules(model, lora.target_modules)
     if lora.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = PeftLoraConfig(
@@ -287,6 +293,21 @@ def apply_lora(model, task: str, lora: LoraConfig):
         raise RecipeError([f"lora.target_modules: {lora.target_modules!r} does not fit "
                            f"{type(model).__name__} ({str(e).splitlines()[0]}); its linear "
                            f"layers are: {', '.join(names)}"]) from e
+
+
+def _check_target_modules(model, targets) -> None:
+    """Every name in `lora.target_modules` must match a module: peft adapts the names that match
+    and drops the rest without a word ([query, valu] would adapt `query` only)."""
+    if targets == "auto":
+        return
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise RecipeError([f"lora.target_modules: {t!r} matches no module of "
+                           f"{type(model).__name__}; {suggest(t, linear, 'its linear layers are')}"
+                           for t in missing])
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -472,6 +472,8 @@ def _validate_train(r: Recipe) -> list[str]:
             p.append(f"train.{key}: {value} must be >= 1 or null")
     if not t.output_dir:
         p.append("train.output_dir: missing; e.g. runs/sst2-standard")
+    if not 0 <= t.seed < 2**32:
+        p.append(f"train.seed: {t.seed} must be in [0, 2**32) (numpy's seed range), e.g. 42")
     return p
 
 
