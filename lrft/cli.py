@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import subprocess
 import sys
 
@@ -25,7 +24,6 @@ EPILOG = """examples:
   lrft compare recipes/glue/compare-cpu.yaml
   lrft lr-guide
 """
-_OVERRIDE = re.compile(r"[A-Za-z_][\w.-]*=")  # `section.key=value`, `tasks=[rte]`: not an option
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -78,23 +76,37 @@ def _version() -> str:
     return f"lrft {__version__}"
 
 
-def _overrides_after_recipe(argv: list[str]) -> list[str]:
-    """Move `key=value` tokens to just after the first positional (the recipe), so argparse
-    reads them as overrides wherever the user put them (`find-lr R --num_steps 20 k=v`)."""
-    if len(argv) < 2:
+def positionals_first(argv: list[str], value_options: set[str]) -> list[str]:
+    """The command, then its positionals (recipe and `key=value` overrides, in their order), then
+    the options with their values: argparse reads the overrides wherever the user put them
+    (`lrft find-lr R --num_steps 20 train.output_dir=X`). A `--` leaves the line as it is."""
+    if len(argv) < 2 or "--" in argv:
         return argv
-    head, rest = argv[:1], argv[1:]
-    overrides = [a for a in rest if _OVERRIDE.match(a)]
-    others = [a for a in rest if not _OVERRIDE.match(a)]
-    recipe = next((i for i, a in enumerate(others) if not a.startswith("-")
-                   and (i == 0 or not _takes_value(others[i - 1]))), None)
-    if recipe is None:
-        return argv
-    return head + others[:recipe + 1] + overrides + others[recipe + 1:]
+    positionals, options, tokens = [], [], argv[1:]
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.startswith("-") and len(token) > 1:
+            options.append(token)
+            if token in value_options and i + 1 < len(tokens):
+                options.append(tokens[i + 1])
+                i += 1
+        else:
+            positionals.append(token)
+        i += 1
+    return argv[:1] + positionals + options
 
 
-def _takes_value(option: str) -> bool:
-    return option.startswith("--") and "=" not in option and option not in ("--apply",)
+def value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Option strings of every subcommand that take a value (`--num_steps 20`)."""
+    found = set()
+    for action in parser._actions:  # argparse keeps subcommands only here
+        for sub in getattr(action, "choices", None) or {}:
+            if isinstance(action.choices, dict):
+                for option in action.choices[sub]._actions:
+                    if option.option_strings and option.nargs != 0:
+                        found.update(option.option_strings)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(_overrides_after_recipe(argv))
+    args = parser.parse_args(positionals_first(argv, value_options(parser)))
     if args.command is None:
         parser.print_help()
         return 0

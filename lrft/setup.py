@@ -209,8 +209,12 @@ def build_run(recipe: Recipe, accelerator) -> Run:
     # ---- param groups ---------------------------------------------------------------------
     o = recipe.optim
     lr, lr_note = effective_lr(recipe, accelerator.num_processes)
-    groups = param_groups(model, lr, o.weight_decay, layer_decay=o.layer_decay,
-                          head_lr_scale=o.head_lr_scale, embedding_lr_scale=o.embedding_lr_scale)
+    try:
+        groups = param_groups(model, lr, o.weight_decay, layer_decay=o.layer_decay,
+                              head_lr_scale=o.head_lr_scale,
+                              embedding_lr_scale=o.embedding_lr_scale)
+    except ValueError as e:  # a scale for a role no trainable parameter has (LoRA's frozen base)
+        raise RecipeError([f"optim: {e}"], recipe.source) from e
     if lr_note:
         say(accelerator, f"scale_lr: {lr_note}")
     say(accelerator, format_group_table(groups))

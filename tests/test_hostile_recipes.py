@@ -1,11 +1,12 @@
-"""Property tests: hostile recipes and overrides never crash the loader or `lrft check`.
+"""Property tests: hostile recipes and overrides never crash the loader, `lrft check` or training.
 
 Each example starts from a valid shipped recipe (resolved through its `base:`, as a plain dict),
 mutates it (wrong types, unknown keys and sections, missing or misshapen sections, huge / NaN /
 inf numbers, keys moved to the wrong level, unsafe YAML tags) or replaces the file with arbitrary
 bytes, and adds arbitrary `key=value` overrides. The property: `load_recipe` returns a Recipe or
 raises `RecipeError` whose every problem names a key path, a file or an override; nothing else
-escapes, and no YAML tag runs code.
+escapes, and no YAML tag runs code. And whatever `lrft check` accepts, built from the settings
+users combine, trains on a tiny model or stops with a user error: never a traceback.
 """
 
 from __future__ import annotations
@@ -265,7 +266,9 @@ def test_cli_check_returns_0_or_2_and_never_raises(doc, mutations, items):
     except SystemExit as e:  # argparse's own exit: an override that looks like an option
         assert e.code in (0, 2) and any(i.startswith("-") for i in items), (e.code, items)
         return
-    items = lrft.cli.build_parser().parse_args(argv).overrides  # after argparse's `--` handling
+    parser = lrft.cli.build_parser()  # the overrides as the CLI reads them (`--` handling too)
+    items = parser.parse_args(lrft.cli.positionals_first(argv, lrft.cli.value_options(parser))
+                              ).overrides
     assert not MARKER.exists()
     assert "Traceback" not in err.getvalue()
     if code == 0:
@@ -279,3 +282,81 @@ def test_cli_check_returns_0_or_2_and_never_raises(doc, mutations, items):
     assert err.getvalue() == f"lrft check: {info.value}\n"
     assert all(names_a_place(p) for p in info.value.problems)
     assert out.getvalue() == ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Whatever `lrft check` accepts trains, or stops with a user error: never a traceback
+# ----------------------------------------------------------------------------------------------
+
+# Valid-looking settings of the keys a user combines; each combination is checked, then trained.
+TRAINABLE = {
+    "optim.name": st.sampled_from(["adamw", "adam", "sgd", "lion", "rmsprop", "adagrad",
+                                   "adafactor", "adamw_8bit"]),
+    "optim.learning_rate": st.sampled_from(["1e-5", "3e-3", "0.5"]),
+    "optim.weight_decay": st.sampled_from(["0", "0.1"]),
+    "optim.layer_decay": st.sampled_from(["0.8", "1.0"]),
+    "optim.head_lr_scale": st.sampled_from(["2.0", "10"]),
+    "optim.embedding_lr_scale": st.sampled_from(["0.5"]),
+    "optim.scale_lr": st.sampled_from(["sqrt", "linear"]),
+    "optim.reference_batch_size": st.sampled_from(["16", "64"]),
+    "schedule.lr_scheduler_type": st.sampled_from(
+        ["cosine", "linear", "constant", "polynomial", "cosine_with_restarts", "inverse_sqrt",
+         "warmup_stable_decay", "step", "exponential", "reduce_lr_on_plateau"]),
+    "schedule.warmup_steps": st.sampled_from(["0", "1", "3", "null"]),
+    "schedule.min_lr_ratio": st.sampled_from(["0.1"]),
+    "schedule.step_size": st.sampled_from(["1", "2"]),
+    "schedule.gamma": st.sampled_from(["0.5"]),
+    "train.max_steps": st.sampled_from(["1", "3"]),
+    "train.gradient_accumulation_steps": st.sampled_from(["1", "2"]),
+    "train.max_grad_norm": st.sampled_from(["null", "0.1"]),
+    "train.eval_steps": st.sampled_from(["1", "2", "null"]),
+    "train.save_steps": st.sampled_from(["1", "null"]),
+    "train.mixed_precision": st.sampled_from(["no", "auto", "bf16"]),
+    "train.eval_at_start": st.sampled_from(["true"]),
+    "data.max_length": st.sampled_from(["8", "1024"]),
+    "data.max_train_samples": st.sampled_from(["1", "9"]),
+    "data.holdout_fraction": st.sampled_from(["0.25"]),
+    "lora.enabled": st.sampled_from(["true"]),
+    "lora.r": st.sampled_from(["2"]),
+    "lora.target_modules": st.sampled_from(["[query, value]", "[dense]", "auto"]),
+    "guard.enabled": st.sampled_from(["true"]),
+    "guard.action": st.sampled_from(["skip", "rollback"]),
+    "model.num_labels": st.sampled_from(["1", "3"]),
+}
+settings_combo = st.dictionaries(st.sampled_from(sorted(TRAINABLE)), st.just(None),
+                                 max_size=5).flatmap(
+    lambda keys: st.fixed_dictionaries({k: TRAINABLE[k] for k in keys}))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(combo=settings_combo)
+@example(combo={"schedule.lr_scheduler_type": "reduce_lr_on_plateau", "train.eval_steps": "1",
+                "schedule.warmup_steps": "null"})
+@example(combo={"lora.enabled": "true", "guard.enabled": "true", "train.save_steps": "1"})
+@example(combo={"data.holdout_fraction": "0.25", "model.num_labels": "1"})
+@pytest.mark.slow
+def test_what_check_accepts_trains_or_stops_with_a_user_error(tiny_bert, tiny_glue, combo):
+    """The invariant of issues 16 and 18: a clear error or a correct run, never a traceback."""
+    from conftest import bert_recipe
+
+    from lrft.errors import UserError
+    from lrft.train import train
+
+    out = Path(tempfile.mkdtemp(dir=WORKDIR))
+    base = bert_recipe(tiny_bert, tiny_glue, out, max_steps=3, eval_steps=None)
+    base["schedule"] = {"lr_scheduler_type": "cosine"}
+    path = WORKDIR / "trainable.yaml"
+    path.write_text(yaml.safe_dump(base))
+    items = [f"{k}={v}" for k, v in combo.items()]
+    try:
+        recipe = load_recipe(path, items)
+    except RecipeError:
+        return  # refused at check: that is a clear error
+    try:
+        results = train(recipe)
+    except UserError as e:
+        assert str(e).strip() and "Traceback" not in str(e)
+        return
+    assert results["status"] in ("completed", "diverged")
+    assert results["step"] == recipe.train.max_steps or results["status"] == "diverged"
+    assert (out / "results.json").is_file()
