@@ -157,6 +157,6 @@ def test_every_glue_task_scores_from_what_its_metric_computes(task):
 def test_the_trackers_the_recipe_knows_are_accelerates():
     from accelerate.utils import LoggerType
 
-    from lrft.recipe import TRACKERS
+    from lrft.validate import TRACKERS
 
     assert set(TRACKERS) == {t.value for t in LoggerType} - {"all"}
