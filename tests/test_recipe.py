@@ -331,7 +331,7 @@ def test_eight_bit_without_bitsandbytes(minimal: Path, monkeypatch):
             return object() if installed["bitsandbytes"] else None
         return real_find_spec(name, *args)
 
-    monkeypatch.setattr(recipe_mod.importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
     for name in EIGHT_BIT_OPTIMIZERS:
         (problem,) = problems_of(minimal, [f"optim.name={name}"])
         assert problem.startswith("optim.name:") and "pip install bitsandbytes" in problem
