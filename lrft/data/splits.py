@@ -32,8 +32,10 @@ def load_splits(cfg, seed: int, task: GlueTask | None, columns: dict[str, list[s
     """Load, check columns, filter, hold out and subsample: the part both task kinds share.
 
     Args:
-        cfg: the recipe's `DataConfig`.
-        seed: seeds the hold-outs and the subsets.
+        cfg: the recipe's `DataConfig`; its `split_seed`, when set, seeds the hold-outs and the
+            eval subsets instead of `seed`, so every seed of a comparison sees the same dev and
+            holdout rows while its training rows still vary.
+        seed: the run's seed: the training subset, and the hold-outs unless `split_seed` is set.
         task: the GLUE task, or None.
         columns: {role: column names} each split must have, e.g. {"text": ["sentence"]}.
 
@@ -45,6 +47,7 @@ def load_splits(cfg, seed: int, task: GlueTask | None, columns: dict[str, list[s
         DataError: a missing split or column, a filter or hold-out that leaves a split empty,
             conflicting settings, or any problem of the source.
     """
+    split_seed = seed if cfg.split_seed is None else cfg.split_seed
     raw = load_raw(cfg, task)
     eval_names = _eval_split_names(cfg, raw, task)
     splits = {split: _split(raw, split) for split in [cfg.train_split, *eval_names.values()]}
@@ -56,11 +59,13 @@ def load_splits(cfg, seed: int, task: GlueTask | None, columns: dict[str, list[s
     train = splits[cfg.train_split]
     evals = {key: splits[split] for key, split in eval_names.items()}
     if cfg.eval_fraction is not None:
-        train, evals["validation"] = _hold_out(train, cfg.eval_fraction, seed, "eval_fraction")
+        train, evals["validation"] = _hold_out(train, cfg.eval_fraction, split_seed,
+                                               "eval_fraction")
     if cfg.holdout_fraction is not None:
-        train, evals[HOLDOUT_SPLIT] = _hold_out(train, cfg.holdout_fraction, seed, "holdout_fraction")
+        train, evals[HOLDOUT_SPLIT] = _hold_out(train, cfg.holdout_fraction, split_seed,
+                                                "holdout_fraction")
     train = _subset(train, cfg.max_train_samples, seed)
-    evals = {key: _subset(ds, cfg.max_eval_samples, seed) for key, ds in evals.items()}
+    evals = {key: _subset(ds, cfg.max_eval_samples, split_seed) for key, ds in evals.items()}
     for name, ds in named_splits(cfg.train_split, train, evals)[0].items():
         if len(ds) == 0:
             raise DataError(f"{name} split is empty (after where / eval_fraction / max_*_samples); "

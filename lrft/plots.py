@@ -1,0 +1,139 @@
+"""Figures: each function takes plain data and a path, draws one PNG and returns the path.
+
+matplotlib is imported inside the functions, on its Agg canvas (no display, no global pyplot
+state): importing this module costs nothing, and a run that draws no figure never loads it.
+
+The data are plain: a figure of line panels takes ``{panel title: [Series, ...]}``; the bar
+chart takes groups and one list of (mean, error) per series. What the numbers mean (which
+runs, which statistic) is the caller's; the axis labels and titles it passes say so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Series that train alike (AdamW and 8-bit AdamW) draw on top of each other: dashes keep both seen.
+_STYLES = ("-", "--", ":", "-.")
+
+
+@dataclass
+class Series:
+    """One line: x and y, an optional band (lo..hi at each x) and optional marked points."""
+
+    label: str
+    x: list[float]
+    y: list[float | None]
+    lo: list[float | None] | None = None
+    hi: list[float | None] | None = None
+    marks: list[tuple[float, float]] = field(default_factory=list)  # (x, y) drawn as stars
+
+
+def _figure(n_panels: int, width: float = 5.0, height: float = 3.6):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ncols = max(1, min(n_panels, 3))
+    nrows = max(1, math.ceil(n_panels / ncols))
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained", dpi=90)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def _nan(values):
+    return [math.nan if v is None else v for v in values]
+
+
+def line_panels(panels: dict[str, list[Series]], path: Path, *, title: str, xlabel: str,
+                ylabel: str, log_x: bool = False, sci_y: bool = False) -> Path:
+    """One panel per key, one line per series (mean), its band shaded, its marks as stars.
+
+    Args:
+        panels: panel title -> series, drawn in order (colour and dash by position).
+        path: the PNG to write.
+        title, xlabel, ylabel: what the figure shows.
+        log_x: a log-scaled x axis (learning rates).
+        sci_y: scientific notation on the y axis (small values such as LRs).
+    """
+    fig, axes = _figure(len(panels) or 1)
+    for ax, (name, series) in zip(axes, panels.items()):
+        for i, s in enumerate(series):
+            color = f"C{i % 10}"
+            ax.plot(s.x, _nan(s.y), color=color, lw=1.6, ls=_STYLES[i % len(_STYLES)],
+                    marker="o" if log_x else None, ms=3, label=s.label)
+            if s.lo is not None and s.hi is not None:
+                ax.fill_between(s.x, _nan(s.lo), _nan(s.hi), color=color, alpha=0.18, lw=0)
+            for x, y in s.marks:
+                ax.plot([x], [y], marker="*", ms=12, color=color, mec="black", mew=0.6, ls="")
+        if log_x:
+            ax.set_xscale("log")
+        if sci_y:
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_loss(panels: dict[str, list[Series]], path: Path) -> Path:
+    """Training loss against optimizer step, one panel per task (band: min..max over seeds)."""
+    return line_panels(panels, path, title="Training loss: mean over seeds, band = min..max",
+                       xlabel="optimizer step", ylabel="training loss")
+
+
+def plot_lr(panels: dict[str, list[Series]], path: Path) -> Path:
+    """The learning rate against optimizer step, one panel per task."""
+    return line_panels(panels, path, title="Learning rate vs step (the head group, else the "
+                                           "first group)",
+                       xlabel="optimizer step", ylabel="learning rate", sci_y=True)
+
+
+def plot_sensitivity(panels: dict[str, list[Series]], path: Path, *, ylabel: str) -> Path:
+    """Score against LR (log axis), one line per optimizer with its seeds' band, one panel per
+    task; the chosen LR of each optimizer is starred."""
+    return line_panels(panels, path, title="LR sensitivity: mean over seeds, band = min..max, "
+                                           "star = chosen LR",
+                       xlabel="learning rate (log scale)", ylabel=ylabel, log_x=True)
+
+
+def plot_bars(groups: list[str], bars: dict[str, list[tuple[float | None, float | None]]],
+              path: Path, *, ylabel: str, title: str) -> Path:
+    """Grouped bars with error bars, each labelled with its value.
+
+    Args:
+        groups: the x tick labels.
+        bars: series label -> one (value, error) per group; None draws nothing there.
+        path: the PNG to write.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = max(len(bars), 1)
+    fig = Figure(figsize=(max(5.0, 1.3 * len(groups) * (n / 3 + 0.7)), 4.0),
+                 layout="constrained", dpi=90)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / n
+    for i, (label, values) in enumerate(bars.items()):
+        xs = [j + (i - (n - 1) / 2) * width for j in range(len(groups))]
+        means = [v if v is not None else 0.0 for v, _ in values]
+        errs = [e if e is not None else 0.0 for _, e in values]
+        drawn = ax.bar(xs, means, width, yerr=errs, capsize=3, color=f"C{i % 10}", label=label)
+        ax.bar_label(drawn, labels=[f"{v:.1f}" if v is not None else "" for v, _ in values],
+                     fontsize=7, padding=2, label_type="center")
+    ax.set_xticks(range(len(groups)), groups)
+    shown = [v for values in bars.values() for v, _ in values if v is not None]
+    if shown:
+        ax.set_ylim(max(0.0, min(shown) - 10), min(100.0, max(shown) + 8))
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+    return Path(path)
