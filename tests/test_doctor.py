@@ -323,7 +323,7 @@ def test_plot_diagnosis_writes_png(tmp_path):
 
 
 def test_a_long_curve_is_drawn_as_its_envelope_keeping_spikes():
-    from lrft.doctor.plot import MAX_POINTS, thin
+    from lrft.plots import MAX_POINTS, thin
 
     x = np.arange(100_000)
     y = np.random.default_rng(0).random(100_000)

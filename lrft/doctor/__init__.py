@@ -16,7 +16,7 @@ The package, one concern per module; each imports only modules above it in this 
 - ``advice``: :class:`Diagnosis` and the wording of LR changes;
 - ``rules``: one check per verdict, most severe first;
 - ``sources``: which reader a path needs, and the errors for paths that hold no run;
-- ``plot``: the figure, from data only (matplotlib imported inside);
+- the figure is `lrft.plots.plot_diagnosis` (every figure lives in lrft/plots.py);
 - ``command``: :func:`diagnose`, :func:`format_diagnosis`, and ``lrft diagnose``'s body.
 
 Neither torch nor transformers is imported.
@@ -25,7 +25,7 @@ Neither torch nor transformers is imported.
 from lrft.doctor.advice import Diagnosis
 from lrft.doctor.command import diagnose, diagnose_run, format_diagnosis, read_curves
 from lrft.doctor.curves import Curves
-from lrft.doctor.plot import plot_diagnosis
+from lrft.plots import plot_diagnosis
 from lrft.doctor.stats import smooth_loss
 from lrft.doctor.thresholds import DIVERGED_LOSS_FACTOR, VERDICTS
 

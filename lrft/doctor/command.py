@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lrft.doctor.advice import Diagnosis
 from lrft.doctor.curves import Curves, curves_from_log
-from lrft.doctor.plot import plot_diagnosis
+from lrft.plots import plot_diagnosis
 from lrft.doctor.rules import diagnose_curves
 from lrft.doctor.sources import input_notes, load_run
 from lrft.runlog import RunLog
