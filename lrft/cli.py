@@ -22,8 +22,12 @@ EPILOG = """examples:
   lrft find-lr recipes/bert/standard.yaml --apply
   lrft diagnose runs/bert-standard
   lrft compare recipes/glue/compare-cpu.yaml
+  lrft compare recipes/glue/compare-optimizers.yaml --executor slurm --partition gpu --time 4:00:00
   lrft lr-guide
 """
+
+
+EXECUTORS = ("local", "slurm", "ray")
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N",
                    help="run only every N-th cell from the I-th (1-based), e.g. a SLURM array "
                         "task; workers on one folder never run a cell twice")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local (default): the cells one after another here; slurm: one job "
+                        "array, a task per unfinished cell, through submitit (pip install -e "
+                        "'.[slurm]'); ray: a Ray task per cell on the cluster ray.init finds "
+                        "(RAY_ADDRESS) or a local one (pip install -e '.[ray]')")
+    g = p.add_argument_group("what each cell asks for under --executor slurm | ray (else the "
+                             "spec's cluster: section)")
+    g.add_argument("--partition", help="SLURM partition (cluster.partition)")
+    g.add_argument("--account", help="SLURM account (cluster.account)")
+    g.add_argument("--time", metavar="MIN|H:MM:SS",
+                   help="SLURM time limit of one cell, e.g. 240 or 4:00:00 (cluster.time_min); "
+                        "a cell that reaches it is requeued and resumes from its checkpoint")
+    g.add_argument("--gpus", type=int, metavar="N",
+                   help="GPUs per training process (cluster.gpus_per_process); 0: CPU-only")
+    g.add_argument("--cpus", type=int, metavar="N",
+                   help="CPU cores per training process (cluster.cpus_per_process)")
 
     p = sub.add_parser("find-lr", help="LR range test that keeps the recipe's group ratios")
     _add_recipe_args(p)
@@ -146,6 +166,34 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_overrides(args: argparse.Namespace) -> list[str]:
+    """The --partition/--account/--time/--gpus/--cpus flags as `cluster.*` overrides."""
+    from lrft.compare.grid import yaml_value
+    from lrft.compare.spec import slurm_minutes
+    from lrft.errors import UserError
+
+    slurm, both = ("slurm",), ("slurm", "ray")
+    flags = [("--partition", "partition", args.partition, slurm),
+             ("--account", "account", args.account, slurm),
+             ("--time", "time_min", args.time, slurm),
+             ("--gpus", "gpus_per_process", args.gpus, both),
+             ("--cpus", "cpus_per_process", args.cpus, both)]
+    overrides = []
+    for flag, key, value, executors in flags:
+        if value is None:
+            continue
+        if args.executor not in executors:
+            raise UserError(f"{flag} applies to --executor {' | '.join(executors)}")
+        if key == "time_min":
+            try:
+                value = slurm_minutes(value)
+            except ValueError:
+                raise UserError(f"--time {value!r}: expected minutes or SLURM's [D-]HH:MM:SS, "
+                                f"e.g. 240 or 4:00:00") from None
+        overrides.append(f"cluster.{key}={yaml_value(value)}")
+    return overrides
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from lrft import compare
     from lrft.errors import UserError
@@ -155,7 +203,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     if not args.recipe:
         raise UserError("give a comparison recipe, or --report DIR")
-    summary = compare.run_comparison(args.recipe, args.overrides, shard=args.shard)
+    overrides = [*args.overrides, *_cluster_overrides(args)]
+    if args.executor == "slurm":  # submits and returns: --report collects
+        from lrft.compare.slurm import submit_slurm
+
+        submit_slurm(args.recipe, overrides, shard=args.shard)
+        return 0
+    if args.executor == "ray":
+        from lrft.compare.ray_exec import run_on_ray
+
+        return 1 if run_on_ray(args.recipe, overrides, shard=args.shard)["failed"] else 0
+    summary = compare.run_comparison(args.recipe, overrides, shard=args.shard)
     return 1 if summary.get("failed") else 0  # a failed cell stops the comparison
 
 

@@ -9,18 +9,23 @@
     tables.py   results.md, results.csv and the terminal tables
     report.py   the report folder: tables and figures (lrft.plots), `lrft compare --report`
     run.py      `lrft compare RECIPE [--shard I/N]`: plan, run the unfinished cells, report
+    executors.py  the cluster executors' shared part: the job a worker gets, a cell's resources
+    slurm.py      `--executor slurm`: a submitit job array, a task per cell, requeued at its limit
+    ray_exec.py   `--executor ray`: a Ray task per cell, gathered as they finish; Ctrl-C cancels
 """
 
 from lrft.compare.cells import Outcome, cell_state, run_cell
 from lrft.compare.grid import Cell, Plan, plan
+from lrft.compare.ray_exec import run_on_ray
 from lrft.compare.records import build_cell_record, load_cell, task_score
 from lrft.compare.report import report
 from lrft.compare.results import aggregate, mean_std, select, verdict
 from lrft.compare.run import run_comparison, shard_cells
+from lrft.compare.slurm import submit_slurm
 from lrft.compare.spec import Comparison, load_comparison
 from lrft.compare.tables import format_csv, format_markdown, format_terminal
 
-__all__ = ["run_comparison", "report", "plan", "aggregate", "select", "verdict", "format_markdown",
-           "format_csv", "format_terminal", "task_score", "load_comparison", "build_cell_record",
-           "load_cell", "run_cell", "cell_state", "shard_cells", "mean_std", "Cell", "Plan",
-           "Comparison", "Outcome"]
+__all__ = ["run_comparison", "submit_slurm", "run_on_ray", "report", "plan", "aggregate",
+           "select", "verdict", "format_markdown", "format_csv", "format_terminal", "task_score",
+           "load_comparison", "build_cell_record", "load_cell", "run_cell", "cell_state",
+           "shard_cells", "mean_std", "Cell", "Plan", "Comparison", "Outcome"]

@@ -1,8 +1,11 @@
 """`lrft compare RECIPE [--shard I/N]`: plan the grid, bring its cells to finished one after
 another, report.
 
-    plan (lrft.compare.grid) -> comparison.json -> run_cell per cell (lrft.compare.cells)
-         -> report (lrft.compare.report)
+    prepare: plan (lrft.compare.grid) -> comparison.json -> the unfinished cells
+    run_cell per cell (lrft.compare.cells) -> finish: report (lrft.compare.report)
+
+`prepare`, the progress lines and `finish` are shared with the cluster executors
+(`lrft.compare.slurm`, `lrft.compare.ray_exec`), which run the same cells elsewhere.
 
 Finished cells are skipped and interrupted ones resumed (`run_cell` decides from each cell's
 folder), so running the command again resumes a comparison. A failed cell stops it: the error is
@@ -19,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from lrft.compare.cells import LOG_FILE, RunProcess, cell_state, log_tail, run_cell
+from lrft.compare.cells import LOG_FILE, Outcome, RunProcess, cell_state, log_tail, run_cell
 from lrft.compare.grid import Cell, Plan, glue_task_of, plan
 from lrft.compare.records import load_cell
 from lrft.compare.report import PLAN_FILE, write_atomic, write_report
@@ -72,6 +75,53 @@ def shard_cells(cells: list[Cell], shard: str | None) -> list[Cell]:
     return cells[int(i) - 1::int(n)]
 
 
+def prepare(path: str | Path, overrides: list[str] | None = None,
+            shard: str | None = None) -> tuple[Plan, list[Cell]]:
+    """Plan the grid, write comparison.json and say what there is to do.
+
+    Returns:
+        The plan, and the unfinished cells of this shard (all cells without one), in plan order.
+
+    Raises:
+        RecipeError: the comparison or a cell's recipe is invalid, or a bad shard.
+    """
+    p = plan(path, overrides)
+    c = p.comparison
+    out = Path(c.output_dir)
+    mine = shard_cells(p.cells, shard)
+    out.mkdir(parents=True, exist_ok=True)
+    write_plan_file(p, path, overrides)
+    todo = [cell for cell in mine if cell_state(cell.dir) != "finished"]
+    skipped = [cell.name for cell in mine if cell not in todo]
+    part = f"; shard {shard}: {len(mine)} of them" if shard else ""
+    print(f"lrft compare: {len(p.cells)} cells ({len(p.rows)} rows x {len(c.tasks)} tasks x "
+          f"{len(c.seeds)} seeds) in {out}{part}; {len(todo)} to run", flush=True)
+    if skipped:
+        print(f"skipping {len(skipped)} finished cell(s): {', '.join(skipped)}", flush=True)
+    return p, todo
+
+
+def say_done(at: str, done: Outcome, eta: str = "") -> None:
+    """The progress line of a finished cell."""
+    print(f"{at}: done in {duration(done.wall_time_s)}: {_cell_summary(done.record)}{eta}",
+          flush=True)
+
+
+def say_failed(at: str, done: Outcome, then: str) -> None:
+    """A failed cell: exit code, how it started, the end of its log, how to reproduce it."""
+    log = done.cell.dir / LOG_FILE
+    print(f"{at}: FAILED (exit {done.code}) after {duration(done.wall_time_s)} ({done.how}); "
+          f"last lines of {log}:\n{log_tail(log)}\n"
+          f"reproduce: {shlex.join(done.cell.command(done.extra))}\n{then}", flush=True)
+
+
+def finish(p: Plan) -> dict:
+    """Write the report from every finished cell of the plan; return its aggregate."""
+    c = p.comparison
+    cells = [r for r in (load_cell(cell.dir) for cell in p.cells) if r is not None]
+    return write_report(Path(c.output_dir), cells, c.tasks, p.rows, c.selection.split)
+
+
 def run_comparison(path: str | Path, overrides: list[str] | None = None, *,
                    run: RunProcess | None = None, shard: str | None = None) -> dict:
     """Run every unfinished cell of a comparison (or of one shard), then write the report.
@@ -95,19 +145,8 @@ def run_comparison(path: str | Path, overrides: list[str] | None = None, *,
         RecipeError: the comparison or a cell's recipe is invalid (before any training), or a
             bad shard.
     """
-    p = plan(path, overrides)
+    p, todo = prepare(path, overrides, shard)
     c = p.comparison
-    out = Path(c.output_dir)
-    mine = shard_cells(p.cells, shard)
-    out.mkdir(parents=True, exist_ok=True)
-    write_plan_file(p, path, overrides)
-    todo = [cell for cell in mine if cell_state(cell.dir) != "finished"]
-    skipped = [cell.name for cell in mine if cell not in todo]
-    part = f"; shard {shard}: {len(mine)} of them" if shard else ""
-    print(f"lrft compare: {len(p.cells)} cells ({len(p.rows)} rows x {len(c.tasks)} tasks x "
-          f"{len(c.seeds)} seeds) in {out}{part}; {len(todo)} to run", flush=True)
-    if skipped:
-        print(f"skipping {len(skipped)} finished cell(s): {', '.join(skipped)}", flush=True)
     failed, held, durations, t_all = None, [], [], time.perf_counter()
     index = {cell.name: i + 1 for i, cell in enumerate(p.cells)}
     for k, cell in enumerate(todo):
@@ -122,22 +161,16 @@ def run_comparison(path: str | Path, overrides: list[str] | None = None, *,
             continue
         if done.status == "failed":
             failed = cell.name
-            print(f"{at}: FAILED (exit {done.code}) after {duration(done.wall_time_s)} "
-                  f"({done.how}); last lines of {cell.dir / LOG_FILE}:\n"
-                  f"{log_tail(cell.dir / LOG_FILE)}\n"
-                  f"reproduce: {shlex.join(cell.command(done.extra))}\n"
-                  f"rerun the comparison to resume from this cell", flush=True)
+            say_failed(at, done, "rerun the comparison to resume from this cell")
             break
         durations.append(done.wall_time_s)
         left = len(todo) - k - 1
         eta = f"; ETA {duration(statistics.mean(durations) * left)} for {left} more" \
             if left else ""
-        print(f"{at}: done in {duration(done.wall_time_s)}: "
-              f"{_cell_summary(done.record)}{eta}", flush=True)
+        say_done(at, done, eta)
     if durations and failed is None:
         print(f"trained {len(durations)} cell(s) in {duration(time.perf_counter() - t_all)}",
               flush=True)
-    cells = [r for r in (load_cell(cell.dir) for cell in p.cells) if r is not None]
-    summary = write_report(out, cells, c.tasks, p.rows, c.selection.split)
+    summary = finish(p)
     summary["failed"], summary["held"] = failed, held
     return summary

