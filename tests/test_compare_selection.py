@@ -199,3 +199,10 @@ def test_no_lr_axis_draws_no_sensitivity_figure(tmp_path):
 def test_select_is_usable_on_rows_alone():
     rows = aggregate(grid({("a", 1e-4): [0.5, 0.6], ("a", 1e-3): [0.7, 0.8]}))["rows"]
     assert select(rows, ["rte"])["tasks"]["rte"]["chosen"]["a"]["row"] == "a-lr0.001"
+
+
+def test_a_published_reference_is_printed_beside_the_rows():
+    agg = aggregate(grid({("adamw", 5e-5): [0.81, 0.82]}, task="mrpc"), ["mrpc"])
+    agg["reference"] = {"name": "run_glue.py bert-base-cased", "scores": {"mrpc": [88.85, 84.07]}}
+    for text in (format_markdown(agg), format_terminal(agg)):
+        assert "run_glue.py bert-base-cased" in text and "86.5 (88.85/84.07)" in text

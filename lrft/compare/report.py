@@ -119,8 +119,11 @@ def has_lr_axis(agg: dict) -> bool:
 
 
 def write_report(out: Path, cells: list[dict], tasks: list[str] | None = None,
-                 rows: list[str] | None = None, select_on: str = "dev") -> dict:
+                 rows: list[str] | None = None, select_on: str = "dev", *,
+                 reference: dict | None = None) -> dict:
     """Aggregate the finished cells; write the tables and figures to `out`; print the summary.
+
+    `reference` ({"name", "scores": {task: [x100, ...]}}) is printed beside the rows.
 
     Returns:
         The aggregate (as in results.json) with `files`: the paths written.
@@ -129,6 +132,7 @@ def write_report(out: Path, cells: list[dict], tasks: list[str] | None = None,
         print(f"no finished cells in {out}: nothing to report", flush=True)
         return {"tasks": list(tasks or []), "rows": [], "best": {}, "files": []}
     agg = aggregate(cells, tasks, rows, select_on=select_on)
+    agg["reference"] = reference
     used = [c for c in cells if c["task"] in agg["tasks"]]
     files = [write_atomic(out / "results.md", format_markdown(agg)),
              write_atomic(out / "results.csv", format_csv(agg)), out / "results.json",
@@ -173,4 +177,5 @@ def report(out_dir: str | Path) -> dict:
     tasks = [t for t in saved.get("tasks") or [] if t in found]
     tasks += [t for t in found if t not in tasks]
     return write_report(out, cells, tasks, saved.get("rows"),
-                        saved.get("selection", {}).get("split", "dev"))
+                        saved.get("selection", {}).get("split", "dev"),
+                        reference=saved.get("reference"))

@@ -16,6 +16,7 @@ cores): each runs every N-th cell, and cells are claimed, so no cell runs twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import statistics
@@ -51,6 +52,7 @@ def write_plan_file(p: Plan, path: str | Path, overrides: list[str] | None) -> N
             "tasks": c.tasks, "titles": p.titles, "seeds": c.seeds, "rows": p.rows,
             "selection": {"split": c.selection.split,
                           "holdout_fraction": c.selection.holdout_fraction},
+            "reference": dataclasses.asdict(c.reference) if c.reference else None,
             "cells": [{"name": cell.name, "dir": cell.dir.as_posix(),
                        "command": shlex.join(cell.command()),
                        "meta": {"optimizer": cell.optimizer, "title": cell.title,
@@ -119,7 +121,8 @@ def finish(p: Plan) -> dict:
     """Write the report from every finished cell of the plan; return its aggregate."""
     c = p.comparison
     cells = [r for r in (load_cell(cell.dir) for cell in p.cells) if r is not None]
-    return write_report(Path(c.output_dir), cells, c.tasks, p.rows, c.selection.split)
+    return write_report(Path(c.output_dir), cells, c.tasks, p.rows, c.selection.split,
+                        reference=dataclasses.asdict(c.reference) if c.reference else None)
 
 
 def run_comparison(path: str | Path, overrides: list[str] | None = None, *,

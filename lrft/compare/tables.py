@@ -148,6 +148,8 @@ def format_markdown(agg: dict) -> str:
     lines = [*selection_lines(agg), ""] if agg.get("selection") else []
     lines += [f"## Validation scores (final checkpoint, x100; mean ± std over {_seed_note(agg)})",
               "", *_md_table(head, body)]
+    if agg.get("reference"):
+        lines += ["", *reference_lines(agg)]
     if agg.get("sensitivity"):
         sens = sensitivity_lines(agg)
         lines += ["", *sens] if sens else []
@@ -165,6 +167,28 @@ def format_markdown(agg: dict) -> str:
                                                  for n in names]] for r in agg["rows"]])]
     lines += ["", footer(agg), ""]
     return "\n".join(lines)
+
+
+def reference_lines(agg: dict, markdown: bool = True) -> list[str]:
+    """The published reference beside the rows: its task scores (the mean of its numbers, as
+    the task's score is) and the numbers themselves."""
+    ref = agg["reference"]
+    scores = ref.get("scores") or {}
+    cells = []
+    for t in agg["tasks"]:
+        values = scores.get(t)
+        if not values:
+            cells.append("-")
+            continue
+        mean = sum(values) / len(values)
+        cells.append(f"{mean:.1f}" + (f" ({'/'.join(f'{v:g}' for v in values)})"
+                                      if len(values) > 1 else ""))
+    head, body = ["reference", *_titles(agg)], [[ref.get("name") or "reference", *cells]]
+    title = ("## Reference (published; a task's score is the mean of its numbers, as above; not "
+             "run here)")
+    if markdown:
+        return [title, "", *_md_table(head, body)]
+    return [title.removeprefix("## "), *_aligned(head, body)]
 
 
 def footer(agg: dict) -> str:
@@ -247,6 +271,8 @@ def format_terminal(agg: dict) -> str:
     lines = _aligned(head, body)
     lines.append("scores x100 on the validation split (final checkpoint); ± = sample std "
                  "(ddof=1) over seeds; * = best mean")
+    if agg.get("reference"):
+        lines += ["", *reference_lines(agg, markdown=False)]
     if agg.get("sensitivity"):
         sens = sensitivity_lines(agg, markdown=False)
         lines += ["", *sens] if sens else []
