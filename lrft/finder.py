@@ -130,8 +130,10 @@ def lr_range_test(
 
     Raises:
         ValueError: on a bad range, mode, smoothing or factor, or an empty loader.
+        RecipeError: the accelerator runs DeepSpeed (the sweep cannot restore its state there).
     """
     _check_args(start_mult, end_mult, num_steps, mode, smooth, diverge_factor)
+    _refuse_deepspeed(accelerator)
     groups = optimizer.param_groups
     bases = [g.get("initial_lr", g["lr"]) for g in groups]
     names = [g.get("name", f"group{i}") for i, g in enumerate(groups)]
@@ -156,6 +158,22 @@ def lr_range_test(
         plot_range_test(result, Path(output_dir) / "lr_range_test.png", current_lr=base_lr)
         save_range_test_csv(result, Path(output_dir) / "lr_range_test.csv")
     return result
+
+
+def _refuse_deepspeed(accelerator) -> None:
+    """The sweep steps the optimizer itself and restores a snapshot afterwards; under DeepSpeed
+    the step happens inside backward and the snapshot cannot be loaded back.
+
+    Raises:
+        RecipeError: the accelerator runs DeepSpeed.
+    """
+    if accelerator is not None and accelerator.distributed_type == "DEEPSPEED":
+        from lrft.errors import RecipeError
+
+        raise RecipeError(["distributed_type: DEEPSPEED (the launcher config): the LR range test "
+                           "cannot run under DeepSpeed; run `lrft find-lr` on one GPU or with DDP "
+                           "(accelerate_configs/multi_gpu_8xa100.yaml), then train under "
+                           "DeepSpeed with the LR it suggests"])
 
 
 def _check_args(start_mult, end_mult, num_steps, mode, smooth, diverge_factor) -> None:
@@ -370,6 +388,7 @@ def find_lr_for_recipe(recipe_path: str | Path, overrides: list[str] | None = No
 
     recipe = load_recipe(recipe_path, overrides)
     accelerator, _ = make_accelerator(recipe)
+    _refuse_deepspeed(accelerator)  # before the model loads
     set_seed(recipe.train.seed)
     run = build_run(recipe, accelerator)
     out = Path(recipe.train.output_dir) / "find_lr"

@@ -23,7 +23,9 @@ times they are applied. Tied weights (GPT-2's ``lm_head`` is ``wte``) appear onc
 ``named_parameters()``, under their first name, the embedding: one tensor has one LR.
 
 Only 1-D parameters (biases, LayerNorm/RMSNorm weights) are exempt from weight decay, as in the
-HF Trainer; embedding matrices are 2-D and are decayed.
+HF Trainer; embedding matrices are 2-D and are decayed. A parameter's shape is its full one even
+when DeepSpeed ZeRO-3 has partitioned it at load (`zero3_init_flag`): the local tensor is then
+empty and 1-D, and the real shape is in `ds_shape` (`param_shape`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ _HEAD_RE = re.compile(
 # The pooler sits inside BERT-style backbones but only feeds the classifier, so it trains with
 # the head at depth L + 1.
 _POOLER_RE = re.compile(r"(?:^|\.)pooler(?:\.|$)")
+
+# A transformer block as a module: the module named `layer.3`, `layers.3`, `h.3`, ...
+_BLOCK_MODULE_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block)\.\d+$")
 
 # Order of roles at equal depth, and of roles in the table when LLRD is off.
 _ROLE_ORDER = {"embeddings": 0, "block": 1, "body": 1, "final_norm": 2, "head": 3}
@@ -109,6 +114,23 @@ def num_layers(model: nn.Module) -> int:
         f"{type(model).__name__}: cannot find the number of layers "
         "(no config.num_hidden_layers, n_layer, num_layers or n_layers)"
     )
+
+
+def param_shape(param: nn.Parameter) -> tuple[int, ...]:
+    """The parameter's full shape, also when DeepSpeed ZeRO-3 partitioned it (`ds_shape`)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def param_numel(param: nn.Parameter) -> int:
+    """The parameter's full element count, also when ZeRO-3 partitioned it (`ds_numel`)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def block_classes(model: nn.Module) -> list[str]:
+    """Class names of the model's transformer blocks (the modules named ``layer.i``,
+    ``layers.i``, ``h.i``, ``blocks.i``), e.g. ``["BertLayer"]``: the unit FSDP wraps."""
+    return sorted({type(module).__name__ for name, module in model.named_modules()
+                   if _BLOCK_MODULE_RE.search(name)})
 
 
 def layer_depths(model: nn.Module) -> dict[str, int]:
@@ -194,11 +216,12 @@ def format_group_table(groups: list[dict[str, Any]]) -> str:
     """
     rows = [
         (g.get("name", f"group{i}"), str(len(g["params"])),
-         f"{sum(p.numel() for p in g['params']):,}", f"{g['lr']:.2e}", f"{g['weight_decay']:.3g}")
+         f"{sum(param_numel(p) for p in g['params']):,}", f"{g['lr']:.2e}",
+         f"{g['weight_decay']:.3g}")
         for i, g in enumerate(groups)
     ]
     total_tensors = sum(len(g["params"]) for g in groups)
-    total_params = sum(p.numel() for g in groups for p in g["params"])
+    total_params = sum(param_numel(p) for g in groups for p in g["params"])
     rows.append(("total", str(total_tensors), f"{total_params:,}", "", ""))
     header = ("group", "#tensors", "#params", "lr", "weight_decay")
     widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
@@ -222,7 +245,7 @@ def _build_groups(
     order: dict[tuple[float, float, str], tuple[int, int, bool]] = {}
     for name, param in named:
         role, index = _effective_place(places[name], rates)
-        decay = 0.0 if no_decay_1d and param.ndim < 2 else float(weight_decay)
+        decay = 0.0 if no_decay_1d and len(param_shape(param)) < 2 else float(weight_decay)
         group_lr = _group_lr(role, index, arch, rates)
         label = f"layer.{index}" if role == "block" else role
         key = (group_lr, decay, label)

@@ -167,7 +167,11 @@ def load_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int | None = N
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
     if lora.enabled and lora.load_in_4bit:
-        kwargs["quantization_config"] = _qlora_config(cfg)
+        if not torch.cuda.is_available():
+            raise RecipeError(["lora.load_in_4bit: QLoRA's 4-bit base model needs a CUDA GPU and "
+                               "none is visible; set lora.load_in_4bit=false to train plain LoRA "
+                               "on this machine"])
+        kwargs["quantization_config"] = qlora_config(cfg, torch.device("cuda"))
     if cfg.task == "causal_lm":
         model = _from_pretrained(AutoModelForCausalLM, "model.name_or_path", name, **kwargs)
     else:
@@ -199,10 +203,13 @@ def fp32_master_weights(model) -> int:
     weights; 100% in fp32). Trainable weights and optimizer state stay fp32, the matmuls run in
     bf16 under autocast (`train.mixed_precision`); frozen weights (a LoRA base) keep the load
     dtype and its memory saving. FSDP2 and DeepSpeed would keep fp32 masters themselves; this
-    makes one GPU and DDP do the same.
+    makes one GPU and DDP do the same. Parameters DeepSpeed ZeRO-3 partitioned at load (`ds_id`)
+    are left to DeepSpeed, whose optimizer holds their fp32 copy.
     """
     upcast = 0
     for p in model.parameters():
+        if hasattr(p, "ds_id"):
+            continue
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
             upcast += 1
@@ -253,17 +260,39 @@ def _check_num_labels(asked: int | None, found: int | None, is_regression: bool)
                            f"is read from the data)"])
 
 
-def _qlora_config(cfg: ModelConfig):
-    """bitsandbytes 4-bit NF4 with double quantisation and bf16 compute (the QLoRA paper's set-up)."""
-    if not torch.cuda.is_available():
-        raise RecipeError(["lora.load_in_4bit: QLoRA's 4-bit base model needs a CUDA GPU and none "
-                           "is visible; set lora.load_in_4bit=false to train plain LoRA on this "
-                           "machine"])
+def qlora_config(cfg: ModelConfig, device: torch.device):
+    """bitsandbytes 4-bit NF4 with double quantisation (the QLoRA paper's set-up) for `device`.
+
+    Compute runs in bf16 where the GPU computes it natively, else in fp16 (a T4 or V100 only
+    emulates bf16, slowly). A classifier's head stays out of the 4-bit base: it is new (not in
+    the checkpoint), and transformers would otherwise make it a 4-bit layer holding an
+    unquantised weight, which fails at the first forward (its default keeps the last parameter's
+    module, ``classifier.bias``, which names no module). peft then trains it in full precision.
+    """
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    from lrft.precision import native_bf16
+
+    compute = torch.bfloat16 if native_bf16(device) else torch.float16
+    skip = None if cfg.task == "causal_lm" else _head_modules(cfg)  # causal: lm_head is kept
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+                              llm_int8_skip_modules=skip)
+
+
+def _head_modules(cfg: ModelConfig) -> list[str]:
+    """The top-level modules of the sequence classifier outside its backbone (``classifier``;
+    DistilBERT's ``pre_classifier``, DeBERTa's ``pooler``; Llama's ``score``), read from a
+    weightless copy of the model."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForSequenceClassification
+
+    with init_empty_weights(), _quiet_transformers():
+        skeleton = AutoModelForSequenceClassification.from_config(
+            load_config(cfg), trust_remote_code=cfg.trust_remote_code)
+    backbone = skeleton.base_model_prefix
+    return [name for name, child in skeleton.named_children()
+            if name != backbone and any(True for _ in child.parameters())]
 
 
 def apply_lora(model, task: str, lora: LoraConfig):
@@ -312,5 +341,7 @@ def _check_target_modules(model, targets) -> None:
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    from lrft.groups import param_numel
+
+    trainable = sum(param_numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(param_numel(p) for p in model.parameters())

@@ -39,8 +39,10 @@ def _torch_adamw(groups: list[dict], kwargs: dict, model: nn.Module | None) -> t
     # the HF Trainer uses it by default. On CPU it is ~6x faster than torch's default
     # single-tensor path (bench/fixes.py). Params are usually still on the CPU here and moved to
     # the GPU by accelerate.prepare afterwards, so only dtype and device type are checked.
+    # "meta": under FSDP2 with fsdp_cpu_ram_efficient_loading, ranks other than 0 build the
+    # optimizer over meta parameters that sharding replaces; every rank must choose alike.
     params = [p for g in groups for p in g["params"]]
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda", "meta")
                                  for p in params)
     return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
@@ -143,6 +145,9 @@ class OptimizerSpec:
             (3-10x smaller), "sgd" (100-1000x larger), or None (no published rule).
         package: the pip package it needs beyond torch, checked by the recipe.
         eight_bit: keeps 8-bit optimizer state (bitsandbytes).
+        fsdp2: steps FSDP2's sharded (DTensor) parameters. bitsandbytes' kernels have no
+            DTensor rule and Adafactor mixes DTensors with plain tensors: both fail at the first
+            step, so the launcher check (lrft.setup) refuses them under FSDP.
     """
 
     name: str
@@ -151,25 +156,26 @@ class OptimizerSpec:
     lr_rule: str | None = "adamw"
     package: str | None = None
     eight_bit: bool = False
+    fsdp2: bool = True
 
 
 _BNB_ADAM_ARGS = ("betas", "eps", "amsgrad", "min_8bit_size")
 OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
     OptimizerSpec("adamw", _torch_adamw, ("betas", "eps", "amsgrad")),
     OptimizerSpec("adamw_8bit", _bnb("AdamW8bit", "adamw_8bit"), _BNB_ADAM_ARGS,
-                  package="bitsandbytes", eight_bit=True),
+                  package="bitsandbytes", eight_bit=True, fsdp2=False),
     OptimizerSpec("paged_adamw_8bit", _bnb("PagedAdamW8bit", "paged_adamw_8bit"), _BNB_ADAM_ARGS,
-                  package="bitsandbytes", eight_bit=True),
+                  package="bitsandbytes", eight_bit=True, fsdp2=False),
     OptimizerSpec("lion", _lion, ("betas",), lr_rule="lion", package="lion_pytorch"),
     OptimizerSpec("lion_8bit", _bnb("Lion8bit", "lion_8bit"), ("betas", "min_8bit_size"),
-                  lr_rule="lion", package="bitsandbytes", eight_bit=True),
+                  lr_rule="lion", package="bitsandbytes", eight_bit=True, fsdp2=False),
     OptimizerSpec("adam", _torch("Adam"), ("betas", "eps", "amsgrad")),
     OptimizerSpec("sgd", _torch("SGD"), ("momentum", "dampening", "nesterov"), lr_rule="sgd"),
     OptimizerSpec("rmsprop", _torch("RMSprop"), ("alpha", "eps", "momentum", "centered")),
     OptimizerSpec("adagrad", _torch("Adagrad"), ("lr_decay", "eps", "initial_accumulator_value"),
                   lr_rule=None),
     OptimizerSpec("adafactor", _adafactor, ("beta1", "clip_threshold", "decay_rate"),
-                  lr_rule=None),
+                  lr_rule=None, fsdp2=False),
 )}
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
 

@@ -113,7 +113,7 @@ def _train(recipe: Recipe, accelerator, precision_why: str) -> dict:
 
     # ---- save -------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(run.model)  # gathers FSDP/ZeRO-3 shards: every process
+    state_dict = _final_state_dict(run)  # gathers FSDP/ZeRO-3 shards: every process
     if accelerator.is_main_process:
         # keep_fp32_wrapper=False: the model as saved, without Accelerate's autocast forward
         plain = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
@@ -121,8 +121,28 @@ def _train(recipe: Recipe, accelerator, precision_why: str) -> dict:
         results["output_dir"] = str(out)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
         say(accelerator, f"saved model and results to {out}")
+    # Tear the process group down together: a process that left while the main one still saved
+    # aborted now and then under FSDP2 on gloo ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def _final_state_dict(run: Run) -> dict:
+    """The weights to save, gathered from every process's shards (every process calls this).
+
+    Under FSDP2 a LoRA run gathers only its trainable tensors (adapters, head): the adapter is
+    saved without the frozen base, and gathering the base too would put the whole model in rank
+    0's host memory. A full fine-tune gathers every weight there, in fp32.
+    """
+    acc = run.accelerator
+    if acc.is_fsdp2 and run.recipe.lora.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                   ignore_frozen_params=True)
+        return get_model_state_dict(run.model, options=options)
+    return acc.get_state_dict(run.model)
 
 
 def _recipe_changes(out: Path, recipe: Recipe) -> dict[str, list]:
@@ -297,8 +317,12 @@ def _apply_step(run: Run, schedule: Schedule, guard, state: RunState, loss, grad
         verdict = guard.check(state.step + 1, loss.item(), gnorm)
     scaler_skipped = False
     if verdict == "ok":
+        scale = acc.scaler.get_scale() if acc.scaler is not None else None
         optimizer.step()
-        scaler_skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        # The fp16 scaler lowers its scale exactly when it skipped the step (an overflow).
+        # Accelerate's `step_was_skipped` misses the skips a fused optimizer (torch's AdamW, the
+        # default) makes inside its own kernel, so the scale is what tells.
+        scaler_skipped = scale is not None and acc.scaler.get_scale() < scale
     else:
         if verdict == "rollback":
             guard.rollback()
