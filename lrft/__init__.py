@@ -24,6 +24,8 @@ _EXPORTS = {
     "format_group_table": "lrft.groups",
     "build_optimizer": "lrft.optim",
     "optimizer_state_bytes": "lrft.optim",
+    "eval_weights": "lrft.optim",
+    "train_mode": "lrft.optim",
     "build_scheduler": "lrft.schedule",
     "lr_multiplier": "lrft.schedule",
     "lr_preset": "lrft.presets",

@@ -30,6 +30,7 @@ from accelerate.utils import send_to_device
 
 from lrft import snapshot
 from lrft.doctor import DIVERGED_LOSS_FACTOR, smooth_loss
+from lrft.optim import train_mode
 
 # The default sweep multiplies each group's base LR by 1e-3..1e3: six decades around the recipe's
 # LR. A recipe at 5e-5 is swept from 5e-8 (nothing moves) to 5e-2 (any transformer diverges), so
@@ -142,6 +143,7 @@ def lr_range_test(
     scaler = getattr(accelerator, "scaler", None)
     saved = snapshot.take(model, optimizer)
     saved_scaler = snapshot.cpu_copy(scaler.state_dict()) if scaler is not None else None
+    train_mode(optimizer)  # schedule-free: sweep its training weights; the restore undoes it
     try:
         with torch.random.fork_rng():  # the sweep's dropout and shuffling leave no trace
             step = functools.partial(_train_step, model, optimizer, loss_fn=loss_fn,

@@ -26,6 +26,11 @@ Only 1-D parameters (biases, LayerNorm/RMSNorm weights) are exempt from weight d
 HF Trainer; embedding matrices are 2-D and are decayed. A parameter's shape is its full one even
 when DeepSpeed ZeRO-3 has partitioned it at load (`zero3_init_flag`): the local tensor is then
 empty and 1-D, and the real shape is in `ds_shape` (`param_shape`).
+
+On top of a parameter's place, two kinds are told apart when asked: LoRA B matrices (LoRA+,
+``loraplus_lr_ratio``: peft's ``lora_B`` by module type, at the ratio x their place's LR) and
+the hidden 2-D matrices that Muon steps (``hidden_matrices``: every 2-D parameter outside the
+embeddings and the head, tagged ``hidden_matrix`` for ``lrft.optim``).
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ class _Rates(NamedTuple):
     layer_decay: float | None
     head_lr_scale: float | None
     embedding_lr_scale: float | None
+    loraplus_lr_ratio: float | None = None
 
 
 def num_layers(model: nn.Module) -> int:
@@ -161,15 +167,28 @@ def param_groups(
     head_lr_scale: float | None = None,
     embedding_lr_scale: float | None = None,
     no_decay_1d: bool = True,
+    loraplus_lr_ratio: float | None = None,
+    hidden_matrices: bool = False,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups with per-group base LR and weight decay.
 
     The LR of a parameter at depth d is ``lr * layer_decay ** (L + 1 - d)`` (factor 1 without
     ``layer_decay``), times ``head_lr_scale`` for head parameters and ``embedding_lr_scale`` for
-    embeddings. Parameters that share LR, weight decay and role share a group. The role is the
-    depth's name under LLRD (``embeddings``, ``layer.0`` .. ``layer.{L-1}``, ``final_norm``,
-    ``head``); without LLRD it is ``embeddings`` or ``head`` where a scale asks for them, else
-    ``body``. Groups with weight decay 0 from the 1-D rule get a ``_no_decay`` suffix.
+    embeddings, times ``loraplus_lr_ratio`` for LoRA B matrices. Parameters that share LR,
+    weight decay and role share a group. The role is the depth's name under LLRD
+    (``embeddings``, ``layer.0`` .. ``layer.{L-1}``, ``final_norm``, ``head``); without LLRD it
+    is ``embeddings`` or ``head`` where a scale, LoRA+ or ``hidden_matrices`` asks for them, else
+    ``body``. Groups with weight decay 0 from the 1-D rule get a ``_no_decay`` suffix, LoRA B
+    matrices a ``_lora_B`` one.
+
+    LoRA+ (Hayou et al. 2024) trains each LoRA B matrix (the zero-initialised output side,
+    ``lora_B`` of peft's LoRA layers, found by module type) at ``loraplus_lr_ratio`` x the LR
+    its place gives it, so it composes with layer decay; A matrices, 1-D parameters (DoRA
+    magnitudes, biases) and the head keep their place's LR, and weight decay follows the same
+    rules as everywhere (peft's `create_loraplus_optimizer` zeroes it unless told, and boosts
+    1-D parameters with the B matrices). peft's LoRA embedding adapters (``lora_embedding_A`` /
+    ``_B``) are embeddings at depth 0: both train at the embeddings' LR, ``embedding_lr_scale``
+    included, without the ratio, as peft keeps them at one LR of their own.
 
     Args:
         model: the model to train, possibly PEFT-wrapped; frozen parameters are left out.
@@ -179,26 +198,35 @@ def param_groups(
         head_lr_scale: multiplier of the head's LR; None leaves the head at its LLRD LR.
         embedding_lr_scale: multiplier of the embeddings' LR on top of their LLRD LR.
         no_decay_1d: give 1-D parameters (biases, norm weights) weight decay 0.
+        loraplus_lr_ratio: LoRA+: multiplier of the LoRA B matrices' LR; None turns it off.
+        hidden_matrices: keep the hidden 2-D matrices (every 2-D parameter outside the
+            embeddings and the head) in groups of their own, and tag every group
+            ``hidden_matrix: True | False`` (what Muon steps and AdamW does not; lrft.optim).
 
     Returns:
         Groups ordered by depth, each ``{"params", "lr", "weight_decay", "name",
-        "param_names"}``; every trainable parameter is in exactly one group.
+        "param_names"}`` (and ``hidden_matrix`` with ``hidden_matrices``); every trainable
+        parameter is in exactly one group.
 
     Raises:
-        ValueError: on a non-positive lr, decay or scale; if the model has no trainable
+        ValueError: on a non-positive lr, decay, scale or ratio; if the model has no trainable
             parameter; if ``layer_decay`` is set and a parameter cannot be placed (naming the
             model class and parameter); if a scale is set but no trainable parameter has its
-            role (the setting would silently do nothing, e.g. embeddings frozen under LoRA).
+            role (the setting would silently do nothing, e.g. embeddings frozen under LoRA), or
+            ``loraplus_lr_ratio`` is set and the model has no trainable LoRA B matrix.
     """
-    _check_settings(lr, weight_decay, layer_decay, head_lr_scale, embedding_lr_scale)
+    _check_settings(lr, weight_decay, layer_decay, head_lr_scale, embedding_lr_scale,
+                    loraplus_lr_ratio)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError(f"{type(model).__name__} has no trainable parameter")
     arch = _arch(model, need_layers=layer_decay is not None)
     places = {name: _place(name, arch, strict=layer_decay is not None) for name, _ in named}
     _check_scales_used(places, arch, head_lr_scale, embedding_lr_scale)
-    rates = _Rates(lr, layer_decay, head_lr_scale, embedding_lr_scale)
-    groups = _build_groups(named, places, arch, rates, weight_decay, no_decay_1d)
+    rates = _Rates(lr, layer_decay, head_lr_scale, embedding_lr_scale, loraplus_lr_ratio)
+    lora_b = _lora_b_ids(model, named) if loraplus_lr_ratio is not None else set()
+    groups = _build_groups(named, places, arch, rates, weight_decay, no_decay_1d, lora_b,
+                           hidden_matrices)
     _assert_partition(named, groups)
     return groups
 
@@ -208,26 +236,31 @@ def format_group_table(groups: list[dict[str, Any]]) -> str:
 
     Args:
         groups: groups as returned by `param_groups` (``name`` optional, ``lr`` and
-            ``weight_decay`` required).
+            ``weight_decay`` required), or an optimizer's ``param_groups``; when a group carries
+            an ``algorithm`` (Muon with AdamW, lrft.muon) the table gets an ``optimizer`` column.
 
     Returns:
-        Lines ``group  #tensors  #params  lr  weight_decay`` with right-aligned numbers and the
-        LR in 3-significant-digit scientific notation, ending in a ``total`` row.
+        Lines ``group  #tensors  #params  lr  weight_decay [optimizer]`` with right-aligned
+        numbers and the LR in 3-significant-digit scientific notation, ending in a ``total`` row.
     """
+    tagged = any("algorithm" in g for g in groups)
     rows = [
         (g.get("name", f"group{i}"), str(len(g["params"])),
          f"{sum(param_numel(p) for p in g['params']):,}", f"{g['lr']:.2e}",
-         f"{g['weight_decay']:.3g}")
+         f"{g['weight_decay']:.3g}", *([g.get("algorithm", "")] if tagged else []))
         for i, g in enumerate(groups)
     ]
     total_tensors = sum(len(g["params"]) for g in groups)
     total_params = sum(param_numel(p) for g in groups for p in g["params"])
-    rows.append(("total", str(total_tensors), f"{total_params:,}", "", ""))
-    header = ("group", "#tensors", "#params", "lr", "weight_decay")
+    rows.append(("total", str(total_tensors), f"{total_params:,}", "", "",
+                 *([""] if tagged else [])))
+    header = ("group", "#tensors", "#params", "lr", "weight_decay", *(["optimizer"] if tagged
+                                                                      else []))
     widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
     lines = []
     for row in [header, *rows]:
-        cells = [row[0].ljust(widths[0])] + [row[c].rjust(widths[c]) for c in range(1, len(row))]
+        cells = [row[0].ljust(widths[0])] + [row[c].rjust(widths[c]) for c in range(1, 5)]
+        cells += row[5:]  # the algorithm, left-aligned
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -239,25 +272,62 @@ def _build_groups(
     rates: _Rates,
     weight_decay: float,
     no_decay_1d: bool,
+    lora_b: set[int],
+    hidden_matrices: bool,
 ) -> list[dict[str, Any]]:
-    """Bucket parameters by (lr, weight decay, role label), ordered by depth."""
-    groups: dict[tuple[float, float, str], dict[str, Any]] = {}
-    order: dict[tuple[float, float, str], tuple[int, int, bool]] = {}
+    """Bucket parameters by (lr, weight decay, role label, LoRA B?, hidden matrix?), by depth."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    order: dict[tuple, tuple] = {}
+    keep_roles = hidden_matrices or rates.loraplus_lr_ratio is not None
     for name, param in named:
-        role, index = _effective_place(places[name], rates)
-        decay = 0.0 if no_decay_1d and len(param_shape(param)) < 2 else float(weight_decay)
-        group_lr = _group_lr(role, index, arch, rates)
+        role, index = _effective_place(places[name], rates, keep_roles)
+        one_d = len(param_shape(param)) < 2
+        decay = 0.0 if no_decay_1d and one_d else float(weight_decay)
+        is_b = id(param) in lora_b
+        group_lr = _group_lr(role, index, arch, rates) * (rates.loraplus_lr_ratio if is_b else 1)
+        matrix = hidden_matrices and not one_d and role not in ("embeddings", "head")
         label = f"layer.{index}" if role == "block" else role
-        key = (group_lr, decay, label)
+        key = (group_lr, decay, label, is_b, matrix)
         if key not in groups:
-            # The suffix marks decay switched off by the 1-D rule, not a zero weight_decay.
-            suffix = "_no_decay" if decay != weight_decay else ""
             groups[key] = {"params": [], "lr": group_lr, "weight_decay": decay,
-                           "name": label + suffix, "param_names": []}
-            order[key] = (_ROLE_ORDER[role], index, decay != weight_decay)
+                           "name": label + ("_lora_B" if is_b else "")
+                           + _suffix(decay, weight_decay, one_d, hidden_matrices and not matrix
+                                     and role not in ("embeddings", "head")),
+                           "param_names": []}
+            if hidden_matrices:
+                groups[key]["hidden_matrix"] = matrix
+            order[key] = (_ROLE_ORDER[role], index, is_b, decay != weight_decay, not matrix)
         groups[key]["params"].append(param)
         groups[key]["param_names"].append(name)
     return [groups[key] for key in sorted(groups, key=order.__getitem__)]
+
+
+def _suffix(decay: float, weight_decay: float, one_d: bool, beside_matrices: bool) -> str:
+    """``_no_decay`` marks decay switched off by the 1-D rule, not a zero weight_decay. Beside
+    the hidden matrices of the same role (``hidden_matrices``) the other parameters are 1-D and
+    always need a suffix of their own: ``_no_decay`` when their decay is 0, else ``_1d``."""
+    if beside_matrices:
+        return "_no_decay" if decay == 0 else "_1d"
+    return "_no_decay" if decay != weight_decay else ""
+
+
+def _lora_b_ids(model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> set[int]:
+    """ids of the trainable LoRA B matrices: the parameters of `lora_B` in peft's LoRA layers.
+
+    Raises:
+        ValueError: there is none (not a peft LoRA model), so a LoRA+ ratio would do nothing.
+    """
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        LoraLayer = ()
+    trainable = {id(p) for _, p in named}
+    found = {id(p) for module in model.modules() if isinstance(module, LoraLayer)
+             for p in module.lora_B.parameters() if id(p) in trainable}
+    if not found:
+        raise ValueError(f"loraplus_lr_ratio is set but {type(model).__name__} has no trainable "
+                         f"LoRA B matrix (not a peft LoRA model?); enable LoRA or unset it")
+    return found
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -351,10 +421,14 @@ def _depth(place: tuple[str, int], arch: _Arch) -> int:
     return arch.n_layers + 1
 
 
-def _effective_place(place: tuple[str, int], rates: _Rates) -> tuple[str, int]:
-    """Without LLRD, only the roles that a scale singles out keep groups of their own."""
+def _effective_place(place: tuple[str, int], rates: _Rates,
+                     keep_roles: bool = False) -> tuple[str, int]:
+    """Without LLRD, only the roles that a scale singles out keep groups of their own, and the
+    head and embeddings when `keep_roles` (LoRA+, hidden matrices) sets them apart."""
     role, index = place
     if rates.layer_decay is not None:
+        return place
+    if keep_roles and role in ("head", "embeddings"):
         return place
     if role == "head" and rates.head_lr_scale is not None:
         return place
@@ -381,15 +455,17 @@ def _check_settings(
     layer_decay: float | None,
     head_lr_scale: float | None,
     embedding_lr_scale: float | None,
+    loraplus_lr_ratio: float | None = None,
 ) -> None:
-    """Reject settings that cannot be a learning rate, decay or scale.
+    """Reject settings that cannot be a learning rate, decay, scale or ratio.
 
     Raises:
         ValueError: listing every bad setting at once.
     """
     problems = []
     for key, value in (("lr", lr), ("head_lr_scale", head_lr_scale),
-                       ("embedding_lr_scale", embedding_lr_scale)):
+                       ("embedding_lr_scale", embedding_lr_scale),
+                       ("loraplus_lr_ratio", loraplus_lr_ratio)):
         if value is not None and not value > 0:
             problems.append(f"{key}={value!r} must be > 0")
     if layer_decay is not None and not 0 < layer_decay <= 1:
@@ -438,3 +514,6 @@ def _assert_partition(named: list[tuple[str, nn.Parameter]], groups: list[dict])
             f"parameter groups do not partition the trainable parameters: "
             f"missing {missing}, repeated {repeated}"
         )
+    names = [g["name"] for g in groups]  # the logs key every group's LR by its name
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"two parameter groups share a name: {names}")

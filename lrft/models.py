@@ -313,6 +313,7 @@ def apply_lora(model, task: str, lora: LoraConfig):
     config = PeftLoraConfig(
         task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+        use_rslora=lora.use_rslora, use_dora=lora.use_dora,
         target_modules=None if lora.target_modules == "auto" else list(lora.target_modules))
     try:
         return get_peft_model(model, config)
@@ -322,6 +323,42 @@ def apply_lora(model, task: str, lora: LoraConfig):
         raise RecipeError([f"lora.target_modules: {lora.target_modules!r} does not fit "
                            f"{type(model).__name__} ({str(e).splitlines()[0]}); its linear "
                            f"layers are: {', '.join(names)}"]) from e
+
+
+def lora_scaling(model) -> dict | None:
+    """What peft made of the LoRA settings, read from the model: r, alpha, rsLoRA, DoRA and
+    the scale every LoRA layer multiplies its adapter's output by (alpha/r; alpha/sqrt(r)
+    under rsLoRA). None for a model without LoRA adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    config = getattr(model, "peft_config", {}).get("default")
+    layer = next((m for m in model.modules() if isinstance(m, LoraLayer)), None)
+    if config is None or layer is None:
+        return None
+    return {"r": config.r, "alpha": config.lora_alpha, "use_rslora": bool(config.use_rslora),
+            "use_dora": bool(config.use_dora), "scaling": float(layer.scaling["default"]),
+            "scaling_rule": "alpha/sqrt(r)" if config.use_rslora else "alpha/r"}
+
+
+def lora_line(info: dict, loraplus_lr_ratio: float | None = None) -> str:
+    """The line printed under the group table: the adapters' scale and how their LRs are set.
+
+    Args:
+        info: from `lora_scaling`.
+        loraplus_lr_ratio: the LoRA+ ratio of the B matrices, if any.
+    """
+    r, alpha = info["r"], info["alpha"]
+    other = ("alpha/r", alpha / r) if info["use_rslora"] else \
+        ("rsLoRA's alpha/sqrt(r)", alpha / r ** 0.5)
+    line = (f"lora: r={r}, alpha={alpha:g}: every adapter update is scaled by "
+            f"{info['scaling_rule']} = {info['scaling']:.3g} ({other[0]} would be "
+            f"{other[1]:.3g}; the LR acts through this scale, see `lrft lr-guide`)")
+    if info["use_dora"]:
+        line += "; DoRA: the magnitude vectors train in the *_no_decay groups"
+    if loraplus_lr_ratio is not None:
+        line += (f"; LoRA+: B matrices at {loraplus_lr_ratio:g}x their group's LR "
+                 f"(the *_lora_B groups)")
+    return line
 
 
 def _check_target_modules(model, targets) -> None:

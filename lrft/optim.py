@@ -6,9 +6,16 @@ group's own `lr` and `weight_decay`, and the extra keys (`name`, `param_names`) 
 `optimizer.param_groups` so schedules and logging can name the groups.
 
 Names (`OPTIMIZER_NAMES`): adamw, adamw_8bit, paged_adamw_8bit, lion, lion_8bit, adam, sgd,
-rmsprop, adagrad, adafactor. Libraries, torch included, are imported only inside the functions
-that need them, so `check_optimizer_args` (the recipe validator) stays light and bitsandbytes'
-slow import is paid only by the 8-bit optimizers.
+rmsprop, adagrad, adafactor, muon, schedule_free_adamw. Libraries, torch included, are imported
+only inside the functions that need them, so `check_optimizer_args` (the recipe validator) stays
+light and bitsandbytes' slow import is paid only by the 8-bit optimizers.
+
+Two need more than groups in, optimizer out, and their registry entries say so:
+- muon is torch's Muon on the hidden 2-D matrices and torch's AdamW on the rest, as one
+  optimizer (lrft/muon.py); its groups come from `param_groups(..., hidden_matrices=True)`.
+- schedule_free_adamw (the schedulefree package) trains at other weights than the ones to
+  evaluate and save: `eval_weights(optimizer)` around evaluation and saving, `train_mode` after
+  loading a checkpoint (lrft.train, lrft.hf do both); it needs a constant schedule.
 
 Keyword arguments are checked, never dropped: an argument the chosen optimizer does not take
 raises `ValueError` listing the ones it does. `check_optimizer_args` runs the same check without
@@ -17,6 +24,7 @@ building anything, for the recipe validator.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import weakref
 from dataclasses import dataclass
@@ -41,10 +49,15 @@ def _torch_adamw(groups: list[dict], kwargs: dict, model: nn.Module | None) -> t
     # the GPU by accelerate.prepare afterwards, so only dtype and device type are checked.
     # "meta": under FSDP2 with fsdp_cpu_ram_efficient_loading, ranks other than 0 build the
     # optimizer over meta parameters that sharding replaces; every rank must choose alike.
+    return torch.optim.AdamW(groups, fused=_fused(groups), **kwargs)
+
+
+def _fused(groups: list[dict]) -> bool | None:
+    """True when torch's fused AdamW kernel can take every parameter of the groups, else None."""
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda", "meta")
                                  for p in params)
-    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+    return fused or None
 
 
 def _torch(cls_name: str) -> Callable[..., torch.optim.Optimizer]:
@@ -131,6 +144,39 @@ def _adafactor(groups: list[dict], kwargs: dict, model: nn.Module | None) -> tor
     return Adafactor(groups, relative_step=False, scale_parameter=False, warmup_init=False, **kwargs)
 
 
+# Muon's own keyword arguments; the rest (betas, eps) are AdamW's, for the groups Muon cannot take.
+_MUON_ARGS = ("momentum", "nesterov", "ns_steps", "adjust_lr_fn")
+
+
+def _muon(groups: list[dict], kwargs: dict, model: nn.Module | None) -> torch.optim.Optimizer:
+    from lrft.muon import MuonWithAdamW
+
+    if any("hidden_matrix" not in g for g in groups):
+        raise ValueError("optimizer 'muon' needs to know which groups hold hidden 2-D matrices: "
+                         "build them with lrft.groups.param_groups(model, ..., "
+                         "hidden_matrices=True)")
+    groups = [{**g, "algorithm": "muon" if g["hidden_matrix"] else "adamw"} for g in groups]
+    muon = {k: kwargs[k] for k in ("lr", "weight_decay", *_MUON_ARGS) if k in kwargs}
+    # match_rms_adamw scales each matrix's update to AdamW's RMS, so AdamW's LR and weight decay
+    # carry over (Liu et al. 2025; lrft.presets); torch's default ("original") wants ~0.02.
+    muon.setdefault("adjust_lr_fn", "match_rms_adamw")
+    adamw = {k: v for k, v in kwargs.items() if k not in _MUON_ARGS}
+    adamw["fused"] = _fused([g for g in groups if g["algorithm"] == "adamw"])
+    return MuonWithAdamW(groups, muon=muon, adamw=adamw)
+
+
+def _schedule_free_adamw(groups: list[dict], kwargs: dict,
+                         model: nn.Module | None) -> torch.optim.Optimizer:
+    try:
+        from schedulefree import AdamWScheduleFree
+    except ImportError as err:
+        raise ImportError("optimizer 'schedule_free_adamw' needs schedulefree: "
+                          "pip install schedulefree") from err
+    optimizer = AdamWScheduleFree(groups, **kwargs)
+    optimizer.train()  # built ready to step, as every other optimizer here (lrft.optim.train_mode)
+    return optimizer
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     """One optimizer: how to build it and what the rest of lrft needs to know about it.
@@ -147,7 +193,18 @@ class OptimizerSpec:
         eight_bit: keeps 8-bit optimizer state (bitsandbytes).
         fsdp2: steps FSDP2's sharded (DTensor) parameters. bitsandbytes' kernels have no
             DTensor rule and Adafactor mixes DTensors with plain tensors: both fail at the first
-            step, so the launcher check (lrft.setup) refuses them under FSDP.
+            step, so the launcher check (lrft.setup) refuses them under FSDP. Muon
+            orthogonalises whole matrices, which a shard is not; schedule-free AdamW is not
+            verified under FSDP2: both are refused there too.
+        deepspeed: steps what DeepSpeed hands a client optimizer (flattened 1-D partitions of
+            fp32 masters). Muon needs the 2-D shapes; schedule-free AdamW's evaluation weights
+            would be swapped into the masters only, not the model DeepSpeed evaluates and saves.
+        hidden_matrices: steps the hidden 2-D matrices with another algorithm than the rest
+            (Muon): its groups come from `param_groups(..., hidden_matrices=True)`.
+        schedule_free: averages its iterates instead of decaying the LR (schedule-free AdamW):
+            it needs a constant schedule, and `train_mode` / `eval_weights` around evaluation
+            and saving (lrft.train does both).
+        choices: the values some arguments may take, checked with the arguments.
     """
 
     name: str
@@ -157,6 +214,10 @@ class OptimizerSpec:
     package: str | None = None
     eight_bit: bool = False
     fsdp2: bool = True
+    deepspeed: bool = True
+    hidden_matrices: bool = False
+    schedule_free: bool = False
+    choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 _BNB_ADAM_ARGS = ("betas", "eps", "amsgrad", "min_8bit_size")
@@ -176,6 +237,12 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
                   lr_rule=None),
     OptimizerSpec("adafactor", _adafactor, ("beta1", "clip_threshold", "decay_rate"),
                   lr_rule=None, fsdp2=False),
+    OptimizerSpec("muon", _muon, ("betas", "eps", *_MUON_ARGS), lr_rule="muon", fsdp2=False,
+                  deepspeed=False, hidden_matrices=True,
+                  choices=(("adjust_lr_fn", ("match_rms_adamw", "original")),)),
+    OptimizerSpec("schedule_free_adamw", _schedule_free_adamw,
+                  ("betas", "eps", "r", "weight_lr_power"), lr_rule="schedule_free",
+                  package="schedulefree", fsdp2=False, deepspeed=False, schedule_free=True),
 )}
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
 
@@ -223,6 +290,10 @@ def check_optimizer_args(name: str, args: dict) -> list[str]:
             problems.append(
                 f"optimizer {name!r} does not take {key!r}{hint}; it takes: {', '.join(valid)}"
             )
+    for key, allowed in OPTIMIZERS[name].choices:
+        if args.get(key) is not None and args[key] not in allowed:  # None: the library's
+            problems.append(f"optimizer {name!r}: {key}={args[key]!r}; "
+                            f"{suggest(str(args[key]), allowed, 'choose from')}")
     return problems
 
 
@@ -318,6 +389,52 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             if torch.is_tensor(value):
                 tensors[id(value)] = value.numel() * value.element_size()
     return sum(tensors.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule-free optimizers: the weights to train and the weights to evaluate and save
+# ---------------------------------------------------------------------------------------------
+
+def _schedule_free_part(optimizer):
+    """The schedule-free optimizer (the schedulefree package's, whose groups carry
+    `train_mode`), also inside Accelerate's wrapper; None for any other optimizer."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    groups = getattr(inner, "param_groups", None) or [{}]
+    return inner if "train_mode" in groups[0] and callable(getattr(inner, "eval", None)) else None
+
+
+def train_mode(optimizer) -> None:
+    """Put the weights a schedule-free optimizer trains (its y) in the model; a no-op for every
+    other optimizer. `build_optimizer` returns them so; call it after loading a checkpoint,
+    which `eval_weights` saved with the averaged weights in place."""
+    part = _schedule_free_part(optimizer)
+    if part is not None:
+        part.train()
+
+
+def eval_mode(optimizer) -> None:
+    """Put the weights a schedule-free optimizer evaluates (its average x) in the model, until
+    `train_mode`; a no-op for every other optimizer. `eval_weights` does both around a block."""
+    part = _schedule_free_part(optimizer)
+    if part is not None:
+        part.eval()
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer):
+    """Inside, the model holds the weights to evaluate and save; after, those it trains on.
+
+    Schedule-free AdamW trains at an interpolation y of its average x and its base sequence z,
+    and x is the model to evaluate and keep (Defazio et al. 2024). It swaps x into the
+    parameters in place, and back on exit. Every other optimizer trains and evaluates the same
+    weights: a no-op. Everything saved inside (a checkpoint's model and optimizer state, the
+    final model) is x, with the optimizer marked to be in eval mode.
+    """
+    eval_mode(optimizer)
+    try:
+        yield
+    finally:
+        train_mode(optimizer)
 
 
 # The recipe's own keys for what some constructors call lr, weight_decay, betas and eps: setting

@@ -26,6 +26,19 @@ class LRPreset:
     reason: str
 
 
+# How a LoRA LR moves with the adapter's scaling (peft: alpha/r, rsLoRA: alpha/sqrt(r)). Under
+# Adam every adapter weight moves by about the LR per step whatever its gradient's size, so the
+# change of the adapter's product grows with LR x scale.
+LORA_SCALING = (
+    "The value assumes peft's adapter scale alpha/r = 2 (lrft's r=16, alpha=32), and the adapter's "
+    "step grows with LR x scale: rsLoRA (lora.use_rslora) scales by alpha/sqrt(r), sqrt(r) times "
+    "alpha/r at the same r and alpha (4x at r=16), so divide the LR by about sqrt(r) (or alpha by "
+    "it) when switching it on. Across ranks: with alpha fixed, alpha/r shrinks as r grows and "
+    "larger ranks learn slower; under rsLoRA's alpha/sqrt(r) an LR tuned at one rank carries over "
+    "to another (Kalajdzievski 2023); the usual alpha = 2r keeps alpha/r at 2. LoRA+ "
+    "(lora.loraplus_lr_ratio, 16 in Hayou et al. 2024) raises only the B matrices: this LR stays "
+    "the A matrices' one")
+
 # AdamW values; other optimizers are derived from these below.
 _ADAMW = {
     "full": LRPreset(
@@ -42,7 +55,7 @@ _ADAMW = {
     "lora": LRPreset(
         "lora", "adamw", 1e-4, 5e-5, 3e-4, 0.0,
         "LoRA trains few, freshly initialised low-rank weights from zero (B=0): they tolerate and "
-        "need a larger LR (LoRA/QLoRA papers use 1e-4..2e-4)"),
+        "need a larger LR (LoRA/QLoRA papers use 1e-4..2e-4). " + LORA_SCALING),
     "scratch": LRPreset(
         "scratch", "adamw", 1e-3, 3e-4, 3e-3, 0.1,
         "training from random initialisation (small models): nothing to forget, larger steps"),
@@ -63,6 +76,15 @@ LR_RULES: dict[str, dict] = {
                      "updates have a larger norm)"},
     "sgd": {"lr": (100.0, 1000.0), "wd": 1.0,
             "note": "SGD with momentum: 100-1000x AdamW's LR (no per-weight normalisation)"},
+    "muon": {"lr": (1.0, 1.0), "wd": 1.0,
+             "note": "Muon with adjust_lr_fn match_rms_adamw (lrft's default) scales each "
+                     "matrix's orthogonalised update to AdamW's RMS, 0.2 sqrt(max(rows, cols)), "
+                     "so AdamW's LR and weight decay carry over (Liu et al. 2025, Muon is "
+                     "Scalable for LLM Training); torch's own default, original, needs an LR of its "
+                     "own (0.02 in Keller Jordan's runs)"},
+    "schedule_free": {"lr": (1.0, 10.0), "wd": 1.0,
+                      "note": "schedule-free AdamW: 1-10x AdamW's LR, its authors' starting "
+                              "range (Defazio et al. 2024), held constant after warmup"},
 }
 # Kept for readers of earlier versions: Lion's published ranges.
 LION_LR_DIVISOR = (3.0, 10.0)
@@ -135,18 +157,30 @@ def scaled_lr(lr: float, batch_size: int, reference_batch_size: int, rule: str) 
     raise ValueError(f"unknown LR scaling rule {rule!r}; choose from none, linear, sqrt")
 
 
-def format_lr_table(optimizers: tuple[str, ...] = ("adamw", "lion")) -> str:
+# The optimizers `lrft lr-guide` shows, and the line under the table for each whose LR is not
+# simply AdamW's.
+GUIDE_OPTIMIZERS = ("adamw", "lion", "muon", "schedule_free_adamw")
+_FOOTNOTES = {
+    "lion": "3-10x smaller LR and 3-10x larger weight decay than AdamW (Chen et al. 2023).",
+    "muon": "Muon on the hidden matrices, AdamW on the rest: AdamW's LR and weight decay carry "
+            "over (adjust_lr_fn match_rms_adamw, Liu et al. 2025).",
+    "schedule_free_adamw": "1-10x AdamW's LR, constant after warmup: it averages its weights "
+                           "instead of decaying the LR (Defazio et al. 2024).",
+}
+
+
+def format_lr_table(optimizers: tuple[str, ...] = GUIDE_OPTIMIZERS) -> str:
     """The LR table with reasons, for `lrft lr-guide`."""
-    rows = [f"{'scenario':<13}{'optimizer':<11}{'lr':>9}{'range':>22}{'wd':>7}"]
+    width = max(len("optimizer"), *map(len, optimizers)) + 2
+    rows = [f"{'scenario':<13}{'optimizer':<{width}}{'lr':>9}{'range':>22}{'wd':>7}"]
     for scenario in SCENARIOS:
         for opt in optimizers:
             p = lr_preset(scenario, opt)
             rng = f"{p.low:.0e} .. {p.high:.0e}"
             # .1e: Lion LRs carry two significant digits (9.1e-06), which .0e would round off.
-            rows.append(f"{scenario:<13}{opt:<11}{p.learning_rate:>9.1e}{rng:>22}"
+            rows.append(f"{scenario:<13}{opt:<{width}}{p.learning_rate:>9.1e}{rng:>22}"
                         f"{p.weight_decay:>7.2g}")
     rows.append("")
     rows += [f"{s}: {_ADAMW[s].reason}." for s in SCENARIOS]
-    rows.append("lion: 3-10x smaller LR and 3-10x larger weight decay than AdamW "
-                "(Chen et al. 2023).")
+    rows += [f"{opt}: {_FOOTNOTES[opt]}" for opt in optimizers if opt in _FOOTNOTES]
     return "\n".join(rows)

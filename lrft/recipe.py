@@ -153,6 +153,9 @@ class LoraConfig:
     target_modules: str | list[str] = "auto"  # auto: peft's defaults for the architecture
     bias: Literal["none", "all", "lora_only"] = "none"
     load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base model through bitsandbytes (CUDA only)
+    use_rslora: bool = False  # rsLoRA: scale adapters by alpha/sqrt(r), not alpha/r (peft)
+    use_dora: bool = False  # DoRA: a trained magnitude per output beside the low-rank direction
+    loraplus_lr_ratio: float | None = None  # LoRA+: B matrices at this x their group's LR (16)
 
 
 @dataclass

@@ -132,6 +132,11 @@ class ScheduleSpec:
         """Every option the schedule reads, warmup keys included."""
         return (WARMUP_KEYS if self.warmup else ()) + self.reads
 
+    @property
+    def constant(self) -> bool:
+        """Holds the LR at its peak after warmup (constant, constant_with_warmup)."""
+        return self.decay is _constant
+
 
 SCHEDULES: dict[str, ScheduleSpec] = {s.name: s for s in (
     ScheduleSpec("cosine", ("min_lr_ratio",), _cosine, ends=True),

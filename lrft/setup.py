@@ -141,13 +141,22 @@ def launcher_problems(recipe: Recipe, accelerator) -> list[str]:
                                 f"the recipe's value)")
     spec = OPTIMIZERS.get(recipe.optim.name)
     if kind == "FSDP" and spec is not None and not spec.fsdp2:
-        problems.append(f"optim.name: {spec.name} cannot step FSDP's sharded (DTensor) "
-                        f"parameters and would fail at the first step; use optim.name=adamw "
-                        f"(or lion), or {_DDP}")
+        why = ("orthogonalises whole matrices, which FSDP's row shards are not"
+               if spec.hidden_matrices else
+               "is not verified on FSDP's sharded (DTensor) parameters" if spec.schedule_free else
+               "cannot step FSDP's sharded (DTensor) parameters and would fail at the first step")
+        problems.append(f"optim.name: {spec.name} {why}; use optim.name=adamw (or lion), or "
+                        f"{_DDP}")
     if kind == "DEEPSPEED" and spec is not None and spec.eight_bit:
         problems.append(f"optim.name: {spec.name} under DeepSpeed gets flattened partitions, so "
                         f"the embeddings would lose their 32-bit optimizer state; use "
                         f"optim.name=adamw, or {_DDP}")
+    elif kind == "DEEPSPEED" and spec is not None and not spec.deepspeed:
+        why = ("Muon needs each matrix's 2-D shape" if spec.hidden_matrices else
+               "its averaged weights would reach DeepSpeed's fp32 masters only, not the model "
+               "DeepSpeed evaluates and saves")
+        problems.append(f"optim.name: {spec.name} under DeepSpeed gets flattened 1-D partitions "
+                        f"({why}); use optim.name=adamw, or {_DDP}")
     if kind == "DEEPSPEED" and recipe.guard.enabled:
         problems.append("guard.enabled: the divergence guard cannot act under DeepSpeed (the "
                         "optimizer steps inside backward, before the guard's verdict, and a "
@@ -196,6 +205,7 @@ class Run:
     lr: float  # the base LR after optim.scale_lr
     lr_note: str | None
     trainable_params: int
+    lora: dict | None = None  # what peft made of the lora section (lrft.models.lora_scaling)
 
 
 def effective_lr(recipe: Recipe, num_processes: int) -> tuple[float, str | None]:
@@ -278,7 +288,7 @@ def build_run(recipe: Recipe, accelerator) -> Run:
     from lrft.evaluation import task_info
     from lrft.groups import format_group_table, param_groups
     from lrft.models import check_model_fits, load_tokenizer
-    from lrft.optim import build_optimizer, recipe_kwargs
+    from lrft.optim import OPTIMIZERS, build_optimizer, recipe_kwargs
 
     # ---- data -----------------------------------------------------------------------------
     problems, limit = check_model_fits(recipe.model)
@@ -302,21 +312,39 @@ def build_run(recipe: Recipe, accelerator) -> Run:
     try:
         groups = param_groups(model, lr, o.weight_decay, layer_decay=o.layer_decay,
                               head_lr_scale=o.head_lr_scale,
-                              embedding_lr_scale=o.embedding_lr_scale)
+                              embedding_lr_scale=o.embedding_lr_scale,
+                              loraplus_lr_ratio=recipe.lora.loraplus_lr_ratio,
+                              hidden_matrices=OPTIMIZERS[o.name].hidden_matrices)
     except ValueError as e:  # a scale for a role no trainable parameter has (LoRA's frozen base)
         raise RecipeError([f"optim: {e}"], recipe.source) from e
     if lr_note:
         say(accelerator, f"scale_lr: {lr_note}")
-    say(accelerator, format_group_table(groups))
 
     # ---- optimizer ------------------------------------------------------------------------
     optimizer = build_optimizer(groups, o.name, lr=lr, weight_decay=o.weight_decay, model=model,
                                 **recipe_kwargs(o))
+    say(accelerator, format_group_table(optimizer.param_groups))  # Muon's: with each algorithm
+    lora = _lora_summary(recipe, model)
+    if lora:
+        say(accelerator, lora["line"])
     with _shard(accelerator, model, optimizer):
         model, optimizer, train_loader, *evals = accelerator.prepare(
             model, optimizer, train_loader, *eval_loaders.values())
     return Run(accelerator, recipe, tokenizer, task_info(recipe.model.task, data), model,
-               optimizer, train_loader, dict(zip(eval_loaders, evals)), lr, lr_note, trainable)
+               optimizer, train_loader, dict(zip(eval_loaders, evals)), lr, lr_note, trainable,
+               lora)
+
+
+def _lora_summary(recipe: Recipe, model) -> dict | None:
+    """What the LoRA adapters are scaled by and how their LRs are set, with the line that says
+    it under the group table; None without LoRA."""
+    from lrft.models import lora_line, lora_scaling
+
+    info = lora_scaling(model)
+    if info is None:
+        return None
+    ratio = recipe.lora.loraplus_lr_ratio
+    return {**info, "loraplus_lr_ratio": ratio, "line": lora_line(info, ratio)}
 
 
 @contextlib.contextmanager

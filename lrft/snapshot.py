@@ -3,6 +3,8 @@
 Shared by the divergence guard (roll back to the last good state) and the LR range test
 (restore the model and optimizer after the sweep). Frozen weights (a LoRA base, a 4-bit QLoRA
 base) never move, so they are neither copied nor restored: a snapshot of a LoRA run is small.
+A schedule-free optimizer marks in its state dict whether the parameters hold its training or
+its averaged weights (`train_mode`), so a snapshot restores the weights and that mark together.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ The same code runs on one CPU (`python -m lrft.train ...`, `lrft train ...`) and
 `accelerate launch lrft/train.py ...` works as well). Set-up lives in lrft/setup.py (including
 how the schedule steps under Accelerate), checkpoints in lrft/checkpoint.py, the run log in
 lrft/runlog.py, evaluation in lrft/evaluation.py; this file is the entry point and the loop.
+Evaluations, checkpoints and the final model see a schedule-free optimizer's averaged weights
+(`lrft.optim.eval_weights`); a resumed run switches back to its training weights.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from lrft.checkpoint import (RunState, hold_run_folder, load_checkpoint, prepare_output_dir,
                              save_checkpoint)
 from lrft.evaluation import HOLDOUT_SPLIT, evaluate_model
+from lrft.optim import eval_weights, train_mode
 from lrft.recipe import Recipe, dump_recipe, load_recipe
 from lrft.runlog import LogWindow, MetricsLog
 from lrft.setup import Run, Schedule, build_run, build_schedule, make_accelerator, say
@@ -85,6 +88,7 @@ def _train(recipe: Recipe, accelerator, precision_why: str) -> dict:
     state, window = RunState(), LogWindow()
     if resume_dir is not None:
         state, log_state = load_checkpoint(accelerator, resume_dir, schedule.scheduler)
+        train_mode(run.optimizer)  # saved with a schedule-free optimizer's averaged weights
         window.load_state_dict(log_state)
         log.truncate(state.step)
         say(accelerator, f"resumed from {resume_dir} at step {state.step}")
@@ -113,11 +117,13 @@ def _train(recipe: Recipe, accelerator, precision_why: str) -> dict:
 
     # ---- save -------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
-    state_dict = _final_state_dict(run)  # gathers FSDP/ZeRO-3 shards: every process
+    with eval_weights(run.optimizer):  # schedule-free: the averaged weights are the model
+        state_dict = _final_state_dict(run)  # gathers FSDP/ZeRO-3 shards: every process
+        if accelerator.is_main_process:
+            # keep_fp32_wrapper=False: the model as saved, without Accelerate's autocast forward
+            plain = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
+            save_final_model(plain, run.tokenizer, out, recipe, state_dict)
     if accelerator.is_main_process:
-        # keep_fp32_wrapper=False: the model as saved, without Accelerate's autocast forward
-        plain = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
-        save_final_model(plain, run.tokenizer, out, recipe, state_dict)
         results["output_dir"] = str(out)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
         say(accelerator, f"saved model and results to {out}")
@@ -189,7 +195,21 @@ def _start_record(run: Run, schedule: Schedule) -> dict:
             "effective_batch_size": acc.num_processes * t.per_device_train_batch_size
             * t.gradient_accumulation_steps,
             "num_processes": acc.num_processes, "trainable_params": run.trainable_params,
-            "mixed_precision": acc.mixed_precision, "lr_note": run.lr_note}
+            "mixed_precision": acc.mixed_precision, "lr_note": run.lr_note,
+            **_optional_start_keys(run)}
+
+
+def _optional_start_keys(run: Run) -> dict:
+    """Start-record keys only some runs have: the LoRA scaling (and LoRA+ ratio) peft applied,
+    and the algorithm of each group when one optimizer runs two (Muon with AdamW)."""
+    keys = {}
+    if run.lora:
+        keys["lora"] = {k: v for k, v in run.lora.items() if k != "line"}
+    algorithms = {g.get("name", str(i)): g["algorithm"]
+                  for i, g in enumerate(run.optimizer.param_groups) if "algorithm" in g}
+    if algorithms:
+        keys["algorithms"] = algorithms
+    return keys
 
 
 def group_lrs(optimizer, key: str = "lr") -> dict[str, float]:
@@ -270,8 +290,9 @@ def train_loop(run: Run, schedule: Schedule, state: RunState, log: MetricsLog, *
             last_eval = _evaluate(run, schedule, state, log)
             schedule.after_eval(_eval_loss(last_eval))  # a plateau schedule steps here
         if _due(t.save_steps, state.step, schedule.total):
-            save_checkpoint(acc, Path(t.output_dir), state, t.save_total_limit,
-                            scheduler=schedule.scheduler, log_state=window.state_dict())
+            with eval_weights(run.optimizer):  # schedule-free: checkpoint the averaged weights
+                save_checkpoint(acc, Path(t.output_dir), state, t.save_total_limit,
+                                scheduler=schedule.scheduler, log_state=window.state_dict())
         if state.step >= schedule.total:
             break
     bar.close()
@@ -364,7 +385,8 @@ def _log_train(run: Run, schedule: Schedule, state: RunState, log: MetricsLog,
 def _evaluate(run: Run, schedule: Schedule, state: RunState, log: MetricsLog) -> dict:
     """Evaluate every split; log it; track the best score. Returns the eval record."""
     info = run.task_info
-    splits = evaluate_model(run.accelerator, run.model, run.eval_loaders, info)
+    with eval_weights(run.optimizer):  # schedule-free: evaluate the averaged weights, not y
+        splits = evaluate_model(run.accelerator, run.model, run.eval_loaders, info)
     scored = {k: v for k, v in splits.items() if k != HOLDOUT_SPLIT}
     score = info.score(scored) if scored else None
     holdout = info.score({HOLDOUT_SPLIT: splits[HOLDOUT_SPLIT]}) \

@@ -172,6 +172,19 @@ def _optimizer_keys(r, spec) -> list[str]:
     return p
 
 
+def schedule_problem(optimizer: str, schedule_name: str) -> str | None:
+    """Why an optimizer cannot follow a schedule, or None: a schedule-free optimizer with a
+    schedule that decays the LR (the recipe and lrft.hf's keyword arguments both ask here)."""
+    spec, sched = optim.OPTIMIZERS.get(optimizer), schedule.SCHEDULES.get(schedule_name)
+    if spec is None or sched is None or not spec.schedule_free or sched.constant:
+        return None
+    constant = [n for n, s in schedule.SCHEDULES.items() if s.constant]
+    return (f"{schedule_name} decays the LR, but {optimizer} averages its weights in place of a "
+            f"decay: its theory and its LR range assume the LR stays constant after warmup, and "
+            f"a decay on top anneals twice (Defazio et al. 2024, The Road Less Scheduled); use "
+            f"{' or '.join(constant)} (a warmup is fine)")
+
+
 def _validate_schedule(r) -> list[str]:
     s, t = r.schedule, r.train
     p = [f"schedule.{' and schedule.'.join(keys)}: {message}" for keys, message in
@@ -184,6 +197,9 @@ def _validate_schedule(r) -> list[str]:
                  f"({t.max_steps}); lower it or use warmup_ratio")
     if spec.decay is None and t.eval_steps is None:
         p.append(f"train.eval_steps: {s.lr_scheduler_type} steps on evaluations; set eval_steps")
+    clash = schedule_problem(r.optim.name, s.lr_scheduler_type)
+    if clash:
+        p.append(f"schedule.lr_scheduler_type: {clash}")
     changed = _changed(r)
     for key in schedule.DEFAULTS:
         if f"schedule.{key}" in changed and key not in spec.keys:
@@ -240,6 +256,9 @@ def _validate_lora(r) -> list[str]:
     if isinstance(lo.target_modules, str) and lo.target_modules != "auto":
         p.append(f"lora.target_modules: {lo.target_modules!r}: use auto or a list such as "
                  f"[query, value]")
+    if lo.loraplus_lr_ratio is not None and not lo.loraplus_lr_ratio > 0:
+        p.append(f"lora.loraplus_lr_ratio: {lo.loraplus_lr_ratio} must be > 0 (LoRA+ trains the "
+                 f"B matrices at this multiple of the A matrices' LR; 16 in its paper)")
     if lo.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         p.append("lora.load_in_4bit: QLoRA needs bitsandbytes; pip install bitsandbytes")
     return p

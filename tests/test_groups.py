@@ -178,6 +178,81 @@ def test_peft_lora_bert_gets_layer_lrs():
     assert_partition(model, groups)
 
 
+def _lora_bert(**config):
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(tiny_bert(), peft.LoraConfig(
+        task_type="SEQ_CLS", r=2, target_modules=["query", "value", "word_embeddings"], **config))
+
+
+def test_loraplus_b_matrix_of_layer_1_at_ratio_times_its_llrd_lr():
+    # LoRA+ composes with LLRD: B of block 1 at lr x 0.5 (one step below the head) x 16; its A,
+    # its DoRA magnitude (1-D, no decay) and the head keep their place's LR; B keeps its decay.
+    model = _lora_bert(use_dora=True)
+    groups = param_groups(model, LR, WD, layer_decay=DECAY, head_lr_scale=2.0,
+                          embedding_lr_scale=0.5, loraplus_lr_ratio=16.0)
+    layer1 = "base_model.model.bert.encoder.layer.1.attention.self.value."
+    b1 = group_of(groups, layer1 + "lora_B.default.weight")
+    assert (b1["name"], b1["lr"], b1["weight_decay"]) == ("layer.1_lora_B",
+                                                          pytest.approx(L1_LR * 16), WD)
+    a1 = group_of(groups, layer1 + "lora_A.default.weight")
+    assert (a1["name"], a1["lr"], a1["weight_decay"]) == ("layer.1", pytest.approx(L1_LR), WD)
+    magnitude = group_of(groups, layer1 + "lora_magnitude_vector.default.weight")
+    assert (magnitude["name"], magnitude["lr"], magnitude["weight_decay"]) == (
+        "layer.1_no_decay", pytest.approx(L1_LR), 0.0)
+    b0 = group_of(groups, "base_model.model.bert.encoder.layer.0.attention.self.query."
+                          "lora_B.default.weight")
+    assert b0["lr"] == pytest.approx(L0_LR * 16)
+    head = "base_model.model.classifier.modules_to_save.default."
+    assert group_of(groups, head + "weight")["lr"] == pytest.approx(HEAD_LR * 2)
+    bias = group_of(groups, head + "bias")  # peft's helper would boost it with the B matrices
+    assert (bias["name"], bias["lr"], bias["weight_decay"]) == ("head_no_decay",
+                                                                pytest.approx(HEAD_LR * 2), 0.0)
+    # peft's embedding adapters: embeddings at depth 0, both at one LR, without the ratio
+    embeddings = "base_model.model.bert.embeddings.word_embeddings."
+    for name in ("lora_embedding_A.default", "lora_embedding_B.default"):
+        group = group_of(groups, embeddings + name)
+        assert (group["name"], group["lr"]) == ("embeddings", pytest.approx(EMB_LR * 0.5))
+    table = format_group_table(groups)
+    assert re.search(r"^layer\.1_lora_B\s+2\s+128\s+8\.00e-03\s+0\.01$", table, re.M), table
+    assert_partition(model, groups)
+
+
+def test_loraplus_without_llrd_keeps_the_head_and_1d_apart_and_unboosted():
+    model = _lora_bert()
+    groups = param_groups(model, LR, WD, loraplus_lr_ratio=16.0)
+    assert [(g["name"], g["lr"]) for g in groups] == [
+        ("embeddings", LR), ("body", LR), ("body_lora_B", LR * 16), ("head", LR),
+        ("head_no_decay", LR)]
+    assert {g["name"]: g["weight_decay"] for g in groups}["body_lora_B"] == WD
+    assert_partition(model, groups)
+
+
+def test_loraplus_on_a_llama_and_refused_without_lora():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"], use_rslora=True))
+    groups = param_groups(model, LR, 0.0, layer_decay=DECAY, loraplus_lr_ratio=4.0)
+    b0 = group_of(groups, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight")
+    assert (b0["name"], b0["lr"]) == ("layer.0_lora_B", pytest.approx(L0_LR * 4))
+    a0 = group_of(groups, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    assert (a0["name"], a0["lr"]) == ("layer.0", pytest.approx(L0_LR))
+    with pytest.raises(ValueError, match="loraplus_lr_ratio is set but .* no trainable LoRA B"):
+        param_groups(tiny_bert(), LR, WD, loraplus_lr_ratio=16.0)
+    with pytest.raises(ValueError, match="loraplus_lr_ratio=0"):
+        param_groups(model, LR, WD, loraplus_lr_ratio=0)
+
+
+def test_hidden_matrices_apart_from_everything_else_and_tagged():
+    model = tiny_bert()
+    groups = param_groups(model, LR, 0.0, hidden_matrices=True)  # no decay: names must differ
+    assert [(g["name"], g["hidden_matrix"]) for g in groups] == [
+        ("embeddings", False), ("body", True), ("body_no_decay", False), ("head", False)]
+    body = group_of(groups, "bert.encoder.layer.0.attention.self.query.weight")
+    assert all(len(p.shape) == 2 for p in body["params"]) and body["hidden_matrix"]
+    assert group_of(groups, "bert.pooler.dense.weight")["name"] == "head"
+    assert_partition(model, groups)
+
+
 class Unusual(nn.Module):
     """A model with a config but names no rule knows."""
 

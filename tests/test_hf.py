@@ -215,3 +215,31 @@ def test_printed_table_shows_base_lrs_not_the_warmup_start(tmp_path, tiny_bert, 
     assert "not used now: TrainingArguments learning_rate" in out
     head = next(line for line in out.splitlines() if line.startswith("head "))
     assert "1.00e-03" in head and math.isfinite(float(head.split()[3]))
+
+
+def test_schedule_free_with_a_decaying_schedule_or_best_model_reload_is_refused(tmp_path,
+                                                                                 tiny_bert):
+    # keyword arguments take TrainingArguments' default linear schedule: refused with the fix
+    args = training_args(tmp_path, max_steps=10)
+    with pytest.raises(RecipeError) as err:
+        optimizers(args, tiny_model(tiny_bert), optim="schedule_free_adamw", verbose=False)
+    [problem] = err.value.problems
+    assert problem.startswith("lr_scheduler_type: linear decays the LR, but "
+                              "schedule_free_adamw averages its weights")
+    args = training_args(tmp_path, max_steps=10, lr_scheduler_type="constant",
+                         load_best_model_at_end=True, eval_strategy="steps",
+                         save_strategy="steps", eval_steps=5, save_steps=5)
+    with pytest.raises(RecipeError) as err:
+        optimizers(args, tiny_model(tiny_bert), optim="schedule_free_adamw", verbose=False)
+    [problem] = err.value.problems
+    assert "load_best_model_at_end" in problem and "load_best_model_at_end=False" in problem
+
+
+def test_muon_from_keyword_arguments_is_one_optimizer_over_tagged_groups(tmp_path, tiny_bert):
+    args = training_args(tmp_path, max_steps=10)
+    optimizer, _ = optimizers(args, tiny_model(tiny_bert), optim="muon", layer_decay=0.5,
+                              verbose=False)
+    algorithms = {g["name"]: g["algorithm"] for g in optimizer.param_groups}
+    assert algorithms["layer.0"] == algorithms["layer.1"] == "muon"
+    assert algorithms["embeddings"] == algorithms["head"] == algorithms["layer.0_no_decay"] \
+        == "adamw"

@@ -290,3 +290,42 @@ def test_range_test_keeps_the_group_ratios_and_leaves_no_trace(tmp_path, tiny_be
     untouched.train()
     assert_same_weights(dict(trainer.model.named_parameters()),
                         dict(untouched.model.named_parameters()))
+
+
+# ---- schedule-free AdamW -------------------------------------------------------------------------
+
+def test_schedule_free_checkpoints_and_final_model_hold_the_averaged_weights(tmp_path,
+                                                                              tiny_bert):
+    """The Trainer saves without switching a schedule-free optimizer to eval mode (it switches
+    only around evaluations); attach's ScheduleFreeCallback does, before every save and at the
+    end, so checkpoint-3 and the final model hold the average x, and training goes on from y."""
+    import json
+
+    from safetensors.torch import load_file
+
+    recipe = recipe_file(tmp_path / "r.yaml", tiny_bert,
+                         {"name": "schedule_free_adamw", "learning_rate": 1e-2},
+                         {"lr_scheduler_type": "constant_with_warmup", "warmup_steps": 1})
+    trainer = attach(make_trainer(tiny_bert, tmp_path / "run", max_steps=6,
+                                  save_strategy="steps", save_steps=3), recipe, verbose=False)
+    modes = []
+
+    class Mode(TrainerCallback):  # the mode each optimizer step runs in
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            modes.append(optimizer.param_groups[0]["train_mode"])
+
+    trainer.add_callback(Mode())
+    trainer.train()
+    assert modes == [True] * 6
+    saved = torch.load(tmp_path / "run" / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    assert {g["train_mode"] for g in saved["param_groups"]} == {False}  # saved in eval mode
+    assert trainer.optimizer.param_groups[0]["train_mode"] is False  # the end: x in place
+    trainer.save_model(str(tmp_path / "final"))
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    live = dict(trainer.model.named_parameters())
+    assert all(torch.equal(final[n], live[n].detach()) for n in final)
+    # x differs from y: switching to train mode moves the weights
+    trainer.optimizer.train()
+    assert any(not torch.equal(final[n], live[n].detach()) for n in final)
+    state = json.loads((tmp_path / "run" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6

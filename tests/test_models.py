@@ -136,3 +136,50 @@ def test_lora_runs_say_nothing_about_bitsandbytes_kernels(tiny_bert, tiny_glue, 
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "bitsandbytes" not in done.stderr and "gemm_4bit" not in done.stderr
+
+
+@pytest.mark.parametrize("rslora, scaling, rule", [(False, 2.0, "alpha/r"),
+                                                   (True, 4.0, "alpha/sqrt(r)")])
+def test_rslora_and_dora_reach_peft_and_the_scaling_is_read_back(tiny_llama, rslora, scaling,
+                                                                  rule):
+    from lrft.models import lora_line, lora_scaling
+
+    model = _causal(tiny_llama, dtype="float32", r=4, alpha=8, use_rslora=rslora, use_dora=True,
+                    target_modules=["q_proj", "v_proj"])
+    config = model.peft_config["default"]
+    assert (config.use_rslora, config.use_dora) == (rslora, True)
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
+    info = lora_scaling(model)
+    assert info == {"r": 4, "alpha": 8, "use_rslora": rslora, "use_dora": True,
+                    "scaling": scaling, "scaling_rule": rule}
+    line = lora_line(info, 16.0)
+    assert line.startswith(f"lora: r=4, alpha=8: every adapter update is scaled by {rule} = "
+                           f"{scaling:g} (")
+    assert "DoRA" in line and "LoRA+: B matrices at 16x their group's LR" in line
+    assert lora_scaling(_causal(tiny_llama, dtype="float32")) is None
+
+
+def test_a_lora_run_says_its_scaling_and_loraplus_lrs_at_the_start(tiny_bert, tiny_glue,
+                                                                     tmp_path, capsys):
+    import json
+
+    from conftest import bert_recipe, write_recipe
+
+    from lrft.train import train
+
+    recipe = bert_recipe(tiny_bert, tiny_glue, tmp_path / "run", max_steps=2, eval_steps=None)
+    recipe["optim"].update(layer_decay=0.9, weight_decay=0.01)
+    recipe["lora"] = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["query", "value"],
+                      "use_rslora": True, "use_dora": True, "loraplus_lr_ratio": 16}
+    train(write_recipe(tmp_path / "r.yaml", recipe))
+    out = capsys.readouterr().out
+    assert "layer.1_lora_B" in out and "lora: r=4, alpha=8: every adapter update is scaled by " \
+        "alpha/sqrt(r) = 4 (alpha/r would be 2;" in out
+    start = json.loads((tmp_path / "run" / "metrics.jsonl").open().readline())
+    assert start["lora"] == {"r": 4, "alpha": 8, "use_rslora": True, "use_dora": True,
+                             "scaling": 4.0, "scaling_rule": "alpha/sqrt(r)",
+                             "loraplus_lr_ratio": 16.0}
+    lr = recipe["optim"]["learning_rate"]
+    assert start["groups"]["layer.1_lora_B"] == pytest.approx(lr * 0.9 * 16)
+    assert start["groups"]["layer.1"] == pytest.approx(lr * 0.9)
+    assert start["groups"]["head"] == pytest.approx(lr)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lrft.presets import SCENARIOS, format_lr_table, lr_preset, scaled_lr
+from lrft.presets import GUIDE_OPTIMIZERS, SCENARIOS, format_lr_table, lr_preset, scaled_lr
 from lrft.recipe import OptimConfig, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,8 @@ def test_lr_table_rows_match_the_presets():
     lines = format_lr_table().splitlines()
     assert lines[0].split() == ["scenario", "optimizer", "lr", "range", "wd"]
     rows = [line.split() for line in lines[1:lines.index("")]]
-    assert [(r[0], r[1]) for r in rows] == [(s, o) for s in SCENARIOS for o in ("adamw", "lion")]
+    assert [(r[0], r[1]) for r in rows] == [(s, o) for s in SCENARIOS for o in GUIDE_OPTIMIZERS]
+    assert GUIDE_OPTIMIZERS == ("adamw", "lion", "muon", "schedule_free_adamw")
     for scenario, optimizer, lr, _low, _dots, _high, wd in rows:
         p = lr_preset(scenario, optimizer)
         assert float(lr) == p.learning_rate, (scenario, optimizer, lr)
@@ -124,9 +125,26 @@ def test_lr_table_gives_every_reason():
     table = format_lr_table()
     for scenario in SCENARIOS:
         assert f"\n{scenario}: {lr_preset(scenario).reason}." in table
-    assert "lion:" in table
+    assert "\nlion: " in table and "\nmuon: " in table and "\nschedule_free_adamw: " in table
     only_adamw = format_lr_table(("adamw",))
-    assert "lion " not in only_adamw.split("\n\n")[0]
+    assert "lion " not in only_adamw.split("\n\n")[0] and "\nlion: " not in only_adamw
+
+
+def test_lora_reason_says_how_the_lr_moves_with_rank_and_rslora():
+    reason = lr_preset("lora").reason
+    assert "alpha/r" in reason and "alpha/sqrt(r)" in reason and "use_rslora" in reason
+    assert "divide the LR by about sqrt(r)" in reason and "loraplus_lr_ratio" in reason
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_muon_takes_adamws_values_and_schedule_free_1_to_10x(scenario: str):
+    adamw = lr_preset(scenario)
+    assert replace(lr_preset(scenario, "muon"), optimizer="adamw", reason=adamw.reason) == adamw
+    assert "match_rms_adamw" in lr_preset(scenario, "muon").reason
+    free = lr_preset(scenario, "schedule_free_adamw")
+    assert free.learning_rate == pytest.approx(adamw.learning_rate * 10 ** 0.5, rel=0.05)
+    assert (free.low, free.high) == (adamw.low, pytest.approx(adamw.high * 10))
+    assert free.weight_decay == adamw.weight_decay
 
 
 @pytest.mark.parametrize("optimizer, ratio", [("adamw_8bit", 1.0), ("rmsprop", 1.0),

@@ -97,16 +97,24 @@ def test_a_decaying_schedule_ends_at_its_floor():
 # Optimizers
 # ---------------------------------------------------------------------------------------------
 
+def _with_schedule(name: str) -> list[str]:
+    """`optim.name=NAME`, and a constant schedule for a schedule-free optimizer (the recipe
+    refuses it with the minimal recipe's cosine: tests/test_schedule_free.py)."""
+    constant = ["schedule.lr_scheduler_type=constant"] if optim.OPTIMIZERS[name].schedule_free \
+        else []
+    return [f"optim.name={name}", *constant]
+
+
 @pytest.mark.parametrize("name", optim.OPTIMIZER_NAMES)
 def test_the_recipe_passes_an_optimizer_exactly_what_it_takes(minimal, name):
     spec = optim.OPTIMIZERS[name]
-    recipe = load_recipe(minimal, [f"optim.name={name}"])
+    recipe = load_recipe(minimal, _with_schedule(name))
     kwargs = optim.recipe_kwargs(recipe.optim)
     assert optim.check_optimizer_args(name, kwargs) == []
     assert ("betas" in kwargs) == ("betas" in spec.args)
     assert ("eps" in kwargs) == ("eps" in spec.args)
     for key, reads in (("adam_beta1", "betas"), ("adam_epsilon", "eps")):
-        overrides = [f"optim.name={name}", f"optim.{key}=0.5"]
+        overrides = [*_with_schedule(name), f"optim.{key}=0.5"]
         if reads in spec.args:
             load_recipe(minimal, overrides)
         else:

@@ -260,13 +260,17 @@ def test_gradient_accumulation_sizes_the_schedule_in_optimizer_steps(tmp_path, t
 # Resume: N/2 steps, stop, resume to N == N steps straight
 # ---------------------------------------------------------------------------------------------
 
-def test_resume_mid_epoch_is_bit_identical(tmp_path, tiny_bert, tiny_glue, capsys):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "schedule_free_adamw"])
+def test_resume_mid_epoch_is_bit_identical(tmp_path, tiny_bert, tiny_glue, capsys, optimizer):
     # 20 steps (an epoch is 12), a checkpoint at 10 = mid-epoch 0 with dropout on (the tiny
     # BERT's default 0.1) and evaluations at 6, 12, 18 on both sides of the checkpoint: the
     # resumed run must restore weights, optimizer, schedule, RNG and data position exactly.
+    # Muon with AdamW is one optimizer (lrft/muon.py); schedule-free AdamW checkpoints its
+    # averaged weights and resumes by switching back to its training weights (lrft.optim).
     straight = tmp_path / "straight"
     recipe = bert_recipe(tiny_bert, tiny_glue, straight, max_steps=20, save_steps=10,
                          eval_steps=6)
+    recipe["optim"]["name"] = optimizer
     res_a = train(write_recipe(tmp_path / "a.yaml", recipe))
     assert [p.name for p in lrft.checkpoint.list_checkpoints(straight)] == ["checkpoint-10"]
 

@@ -16,6 +16,8 @@ recipe's `guard.enabled` is true, the divergence guard. The parts, for scripts t
                                                     (the recipe / keyword plan and the
                                                     TrainingArguments it refuses: plan.py)
     GroupLRCallback, GuardCallback                  the callbacks                (callbacks.py)
+    ScheduleFreeCallback                            saves a schedule-free optimizer's averaged
+                                                    weights (`attach` adds it)   (callbacks.py)
     find_lr(trainer)                                the LR range test over the Trainer's model,
                                                     collator and train dataset   (range_test.py)
 
@@ -44,8 +46,9 @@ if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(f"lrft.hf needs transformers >= 5 (found {transformers.__version__}): "
                       f"pip install -U transformers")
 
-from lrft.hf.callbacks import GroupLRCallback, GuardCallback  # noqa: E402
+from lrft.hf.callbacks import GroupLRCallback, GuardCallback, ScheduleFreeCallback  # noqa: E402
 from lrft.hf.pair import attach, optimizers, trainer_steps  # noqa: E402
 from lrft.hf.range_test import find_lr  # noqa: E402
 
-__all__ = ["attach", "optimizers", "trainer_steps", "GroupLRCallback", "GuardCallback", "find_lr"]
+__all__ = ["attach", "optimizers", "trainer_steps", "GroupLRCallback", "GuardCallback",
+           "ScheduleFreeCallback", "find_lr"]

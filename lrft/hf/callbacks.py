@@ -46,7 +46,8 @@ from lrft.train import group_lrs
 
 logger = logging.get_logger("lrft.hf")
 
-__all__ = ["GroupLRCallback", "GuardCallback", "add_to_log", "check_plan", "checked_guard_config"]
+__all__ = ["GroupLRCallback", "GuardCallback", "ScheduleFreeCallback", "add_to_log", "check_plan",
+           "checked_guard_config"]
 
 
 def add_to_log(state, logs: dict, values: dict, history_only: dict | None = None) -> None:
@@ -91,6 +92,34 @@ class GroupLRCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "learning_rate" in logs and self.lrs:
             add_to_log(state, logs, {f"lr/{name}": lr for name, lr in self.lrs.items()})
+
+
+class ScheduleFreeCallback(TrainerCallback):
+    """Makes the Trainer save a schedule-free optimizer's averaged weights, not its training ones.
+
+    The Trainer switches a schedule-free optimizer to eval mode for each evaluation and back to
+    train mode in every training step, but saves without switching: a checkpoint that no
+    evaluation just preceded, and `trainer.save_model()` after `train()`, would hold the
+    training weights y instead of the average x (Defazio et al. 2024). Placed after the Trainer's
+    flow callback (`attach` appends it), this puts x in place when the step or epoch is about to
+    be saved and when training ends; the next training step switches back (the Trainer's own
+    `optimizer.train()`), and a resumed run does the same with the checkpoint's x.
+    """
+
+    def _eval(self, control, optimizer, now: bool = False) -> None:
+        from lrft.optim import eval_mode
+
+        if now or control.should_save:
+            eval_mode(optimizer)  # until the Trainer's next optimizer.train()
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self._eval(control, optimizer)
+
+    def on_epoch_end(self, args, state, control, optimizer=None, **kwargs):
+        self._eval(control, optimizer)
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        self._eval(control, optimizer, now=True)
 
 
 def checked_guard_config(config: GuardConfig | None = None, **settings) -> GuardConfig:

@@ -73,9 +73,11 @@ def batches_per_process(rows: int, batch: int, drop_last: bool, processes: int) 
 def build_optimizer_for(plan: Plan, model):
     """The plan's param groups and optimizer over `model` (also used by the range test)."""
     from lrft.groups import param_groups
-    from lrft.optim import build_optimizer
+    from lrft.optim import OPTIMIZERS, build_optimizer
 
+    spec = OPTIMIZERS.get(plan.optimizer)
     groups = param_groups(model, plan.lr, plan.weight_decay,
+                          hidden_matrices=spec is not None and spec.hidden_matrices,
                           **{k: v for k, v in plan.groups.items() if v is not None})
     return build_optimizer(groups, plan.optimizer, lr=plan.lr, weight_decay=plan.weight_decay,
                            model=model, **plan.optimizer_kwargs)
@@ -99,14 +101,17 @@ def build_pair(args, model, train_dataset, recipe, *, overrides=None, num_traini
     scheduler.lrft = {"num_training_steps": total, "learning_rate": plan.lr, "lr_scale": 1.0,
                       "rollbacks": 0}
     if verbose and args.process_index == 0:
-        print(describe(plan, optimizer, total), flush=True)
+        print(describe(plan, optimizer, total, model), flush=True)
     return optimizer, scheduler, plan
 
 
-def describe(plan: Plan, optimizer, total: int) -> str:
-    """What the pair does and which TrainingArguments it replaces, with the group table."""
+def describe(plan: Plan, optimizer, total: int, model=None) -> str:
+    """What the pair does and which TrainingArguments it replaces, with the group table (and
+    the LoRA adapters' scale under it)."""
     from lrft.groups import format_group_table
+    from lrft.models import lora_line, lora_scaling
 
+    lora = lora_scaling(model) if model is not None else None
     lines = [f"lrft: {plan.optimizer} over {len(optimizer.param_groups)} param groups, "
              f"{plan.schedule} schedule over the Trainer's {total} optimizer steps "
              f"({resolved_warmup(plan, total)} warmup), from {plan.source}",
@@ -115,6 +120,8 @@ def describe(plan: Plan, optimizer, total: int) -> str:
              # base LRs: the schedule has already scaled `lr` to its step-0 value
              format_group_table([{**g, "lr": g.get("initial_lr", g["lr"])}
                                  for g in optimizer.param_groups])]
+    if lora is not None:
+        lines.append(lora_line(lora, plan.groups.get("loraplus_lr_ratio")))
     return "\n".join(lines)
 
 
@@ -184,7 +191,8 @@ def attach(trainer, recipe=None, *, guard=None, overrides: list[str] | None = No
             `model_init`, or runs under FSDP or DeepSpeed (which build their own).
         RecipeError: as for `optimizers`.
     """
-    from lrft.hf.callbacks import GroupLRCallback, GuardCallback
+    from lrft.hf.callbacks import GroupLRCallback, GuardCallback, ScheduleFreeCallback
+    from lrft.optim import OPTIMIZERS
 
     problems = [m for bad, m in (
         (trainer.optimizer is not None or trainer.lr_scheduler is not None,
@@ -205,4 +213,6 @@ def attach(trainer, recipe=None, *, guard=None, overrides: list[str] | None = No
     config = _guard_config(guard, plan)
     callbacks = [GroupLRCallback()] + ([GuardCallback(config)] if config is not None else [])
     trainer.callback_handler.callbacks[:0] = callbacks
+    if OPTIMIZERS[plan.optimizer].schedule_free:  # last: it reads the flow callback's decisions
+        trainer.callback_handler.callbacks.append(ScheduleFreeCallback())
     return trainer

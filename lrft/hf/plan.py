@@ -20,6 +20,7 @@ from typing import Any
 from lrft import schedule as schedules
 from lrft.errors import RecipeError
 from lrft.recipe import GuardConfig, Recipe, load_recipe
+from lrft.validate import schedule_problem
 
 # TrainingArguments the pair replaces -> the recipe key that decides it instead.
 OVERRIDDEN = {
@@ -43,9 +44,10 @@ HF_OPTIMIZERS = {
     "adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_bnb_8bit": "adamw_8bit",
     "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit", "lion_32bit": "lion",
     "lion_8bit": "lion_8bit", "sgd": "sgd", "adagrad": "adagrad", "rmsprop": "rmsprop",
-    "adafactor": "adafactor",
+    "adafactor": "adafactor", "schedule_free_adamw": "schedule_free_adamw",
 }
-GROUP_KEYS = ("layer_decay", "head_lr_scale", "embedding_lr_scale", "no_decay_1d")
+GROUP_KEYS = ("layer_decay", "head_lr_scale", "embedding_lr_scale", "no_decay_1d",
+              "loraplus_lr_ratio")
 # Recipe `train` keys that change what the recipe's LR means (run length, batch, clipping): the
 # Trainer's arguments decide them, and a disagreement is worth a warning.
 TRAIN_KEYS = ("num_train_epochs", "max_steps", "per_device_train_batch_size",
@@ -91,7 +93,8 @@ def _plan_from_recipe(recipe: Recipe, args) -> Plan:
     lr, lr_note = effective_lr(sized, args.world_size)
     return Plan(lr=lr, stated_lr=o.learning_rate, weight_decay=o.weight_decay,
                 groups={"layer_decay": o.layer_decay, "head_lr_scale": o.head_lr_scale,
-                        "embedding_lr_scale": o.embedding_lr_scale},
+                        "embedding_lr_scale": o.embedding_lr_scale,
+                        "loraplus_lr_ratio": recipe.lora.loraplus_lr_ratio},
                 optimizer=o.name, optimizer_kwargs=recipe_kwargs(o),
                 schedule=s.lr_scheduler_type, schedule_options=schedules.recipe_options(s),
                 source=recipe.source or "the recipe", names=dict(OVERRIDDEN), recipe=recipe,
@@ -213,6 +216,14 @@ def conflicts(plan: Plan, args, total: int, model) -> list[str]:
         if args.metric_for_best_model is None:
             problems.append(f"{plan.schedule} follows the eval loss: set TrainingArguments."
                             f"metric_for_best_model='loss'")
+    clash = schedule_problem(plan.optimizer, plan.schedule)
+    if clash:  # a recipe refuses it itself; keyword arguments take the Trainer's linear default
+        problems.append(f"lr_scheduler_type: {clash}")
+    if _schedule_free(plan) and args.load_best_model_at_end:
+        problems.append(f"TrainingArguments.load_best_model_at_end with {plan.optimizer}: the "
+                        f"Trainer would load a checkpoint's averaged weights into a model it "
+                        f"then treats as the training weights; set load_best_model_at_end=False "
+                        f"(the final model is the averaged one)")
     if args.auto_find_batch_size:
         problems.append("TrainingArguments.auto_find_batch_size changes the batch, and so the "
                         "step count, after the schedule is sized; set it to False")
@@ -221,6 +232,13 @@ def conflicts(plan: Plan, args, total: int, model) -> list[str]:
                         "the model is not a PEFT model; wrap it with peft.get_peft_model or use "
                         "a full fine-tuning recipe")
     return problems
+
+
+def _schedule_free(plan: Plan) -> bool:
+    from lrft.optim import OPTIMIZERS
+
+    spec = OPTIMIZERS.get(plan.optimizer)
+    return spec is not None and spec.schedule_free
 
 
 def train_key_warning(plan: Plan, args) -> str | None:
