@@ -301,3 +301,24 @@ def test_real_cells_on_a_task_that_is_not_glue(tmp_path, tiny_bert, tiny_glue):
     md = (tmp_path / "cmp" / "results.md").read_text()
     assert "| optimizer | Tiny Reviews |" in md and "| task avg |" in md
     assert (tmp_path / "cmp" / "sensitivity.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# ---------------------------------------------------------------------------- its own schedule
+
+
+def test_an_optimizer_brings_the_schedule_it_needs(tmp_path, tiny_bert, tiny_glue):
+    """Schedule-free AdamW needs a constant schedule: its entry says so; the others keep the
+    base recipe's, and the keys are checked like every other."""
+    from lrft.recipe import load_recipe
+
+    path = spec(tmp_path, tiny_bert, tiny_glue, optimizers={
+        "adamw": {"learning_rate": 3e-3},
+        "sf": {"name": "schedule_free_adamw", "schedule": {"lr_scheduler_type": "constant"}}})
+    p = plan(path)
+    kinds = {cell.optimizer: load_recipe(cell.base, cell.overrides).schedule.lr_scheduler_type
+             for cell in p.cells}
+    assert kinds == {"adamw": "constant_with_warmup", "sf": "constant"}
+    (problem,) = _problems(path, ["optimizers.sf.schedule.lr_scheduler_tpye=linear"])
+    assert problem.startswith("optimizers.sf.schedule.lr_scheduler_tpye: unknown key")
+    with pytest.raises(RecipeError, match="schedule_free_adamw averages its weights"):
+        plan(path, ["optimizers.sf.schedule.lr_scheduler_type=cosine"])

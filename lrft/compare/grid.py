@@ -123,8 +123,13 @@ def row_label(label: str, lr: float | None) -> str:
 
 
 def optimizer_overrides(label: str, settings: dict | None) -> list[str]:
+    """An optimizer entry as cell overrides: its `optim.*` keys, and the `schedule.*` keys of its
+    own `schedule:` mapping (an optimizer that needs another schedule, e.g. schedule-free's
+    constant one, brings it)."""
     settings = {"name": label, **(settings or {})}
-    return [f"optim.{k}={yaml_value(v)}" for k, v in settings.items()]
+    schedule = settings.pop("schedule", None) or {}
+    return [f"optim.{k}={yaml_value(v)}" for k, v in settings.items()] + \
+        [f"schedule.{k}={yaml_value(v)}" for k, v in schedule.items()]
 
 
 def task_overrides(c: Comparison, task: str) -> list[str]:

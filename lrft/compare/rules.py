@@ -14,7 +14,7 @@ from lrft import glue
 from lrft.config import ConversionError, build_dataclass, convert, show, suggest
 from lrft.launch import check_launcher
 from lrft.optim import OPTIMIZER_NAMES
-from lrft.recipe import OptimConfig
+from lrft.recipe import OptimConfig, ScheduleConfig
 
 if TYPE_CHECKING:
     from lrft.compare.spec import ClusterConfig, Comparison
@@ -132,6 +132,10 @@ def _validate_optimizer(label: str, settings: Any) -> list[str]:
     if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
         p.append(f"optimizers.{label}: a label names folders; use letters, digits, _ and .")
     problems: list[str] = []
+    if isinstance(settings, dict) and "schedule" in settings:
+        settings = dict(settings)
+        build_dataclass(ScheduleConfig, settings.pop("schedule"), f"optimizers.{label}.schedule",
+                        problems)
     build_dataclass(OptimConfig, settings, f"optimizers.{label}", problems)
     named = isinstance(settings, dict) and "name" in settings
     name = settings["name"] if named else label

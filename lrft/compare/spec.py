@@ -3,7 +3,8 @@
 A comparison file (``recipes/glue/*.yaml``) names a training recipe (`base:`), the optimizers
 with their settings, the tasks, the seeds and, optionally, an LR axis and how each optimizer's LR
 is picked. Its keys: `base`, `output_dir`, `tasks`, `seeds`, `optimizers` (label -> `optim.*`
-keys), `learning_rates` and `lr_grid` (the LR axis, see `lrft.compare.grid`), `selection`
+keys, and a `schedule:` mapping of `schedule.*` keys for an optimizer that needs its own),
+`learning_rates` and `lr_grid` (the LR axis, see `lrft.compare.grid`), `selection`
 (`split: dev | holdout`, `holdout_fraction`), `custom_tasks`, `launcher` (`config_file`,
 `num_processes`), `overrides` and `task_overrides` (`section.key=value` for every cell / a task's
 cells), `keep_models`, and `cluster` (what each cell asks of SLURM or Ray under
@@ -137,7 +138,8 @@ class Comparison:
     output_dir: str = "runs/compare"
     tasks: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [42])
-    optimizers: dict[str, Any] = field(default_factory=dict)  # label -> {optim.* keys}
+    # label -> {optim.* keys, and optionally schedule: {schedule.* keys} the optimizer needs}
+    optimizers: dict[str, Any] = field(default_factory=dict)
     # LR axis: a list of multipliers of each optimizer's centre LR, or {label: [absolute LRs]}.
     learning_rates: list[float] | dict[str, Any] | None = None
     lr_grid: LRGrid | None = None
@@ -162,7 +164,7 @@ _SECTION_TYPES = {"launcher": LauncherConfig, "lr_grid": LRGrid, "selection": Se
                   "cluster": ClusterConfig, "reference": Reference}
 _ALWAYS_SET = ("selection", "cluster")  # sections that are never None: `key:` gives the defaults
 # How deep `head.a.b=value` may go under each mapping key (optimizers.LABEL.KEY is 2 deep).
-_NESTED = {"optimizers": 2, "launcher": 1, "lr_grid": 1, "selection": 1, "task_overrides": 1,
+_NESTED = {"optimizers": 3, "launcher": 1, "lr_grid": 1, "selection": 1, "task_overrides": 1,
            "learning_rates": 1, "custom_tasks": 3, "cluster": 1, "reference": 2}
 
 
@@ -196,9 +198,10 @@ def apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> lis
             shape = "has no sub-keys; use " + head + "=VALUE" if head not in _NESTED else \
                 f"goes {_NESTED[head]} key(s) deep"
             problems.append(f"override {item!r}: '{head}' {shape}")
-        elif head == "optimizers" and len(rest) != 2:
+        elif head == "optimizers" and (len(rest) == 1 or len(rest) == 3 and rest[1] != "schedule"):
             problems.append(f"override {item!r}: expected optimizers.LABEL.KEY=VALUE, e.g. "
-                            f"optimizers.lion.learning_rate=3e-6")
+                            f"optimizers.lion.learning_rate=3e-6 (or "
+                            f"optimizers.LABEL.schedule.KEY=VALUE)")
         elif head == "optimizers" and rest[0] not in (raw.get("optimizers") or {}):
             problems.append(f"override {item!r}: no optimizer {rest[0]!r} in this comparison; "
                             f"{suggest(rest[0], list(raw.get('optimizers') or {}), 'it has')}")
