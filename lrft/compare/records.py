@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from lrft import glue
+from lrft.compare.claims import claim_path
 from lrft.runlog import RunLog, read_log
 
 CELL_FILE, RESULTS_FILE = "cell.json", "results.json"
@@ -182,8 +183,11 @@ def load_cell(cell_dir: Path, **meta) -> dict | None:
         except ValueError:
             pass
     seed = cell_dir.name.removeprefix("seed")
-    return write_cell_record(cell_dir, cell_dir.parent.parent.name, cell_dir.parent.name,
-                             int(seed) if seed.isdigit() else seed, **meta)
+    args = (cell_dir, cell_dir.parent.parent.name, cell_dir.parent.name,
+            int(seed) if seed.isdigit() else seed)
+    if claim_path(cell_dir).exists():  # its worker is about to write the full record: read only
+        return build_cell_record(*args, **meta)
+    return write_cell_record(*args, **meta)
 
 
 def task_score(task: str, metrics: dict[str, float]) -> float | None:

@@ -54,10 +54,8 @@ def write_plan_file(p: Plan, path: str | Path, overrides: list[str] | None) -> N
                           "holdout_fraction": c.selection.holdout_fraction},
             "reference": dataclasses.asdict(c.reference) if c.reference else None,
             "cells": [{"name": cell.name, "dir": cell.dir.as_posix(),
-                       "command": shlex.join(cell.command()),
-                       "meta": {"optimizer": cell.optimizer, "title": cell.title,
-                                "glue_task": glue_task_of(c, cell.task),
-                                "learning_rate": cell.learning_rate}} for cell in p.cells]}
+                       "command": shlex.join(cell.command()), "meta": cell_meta(c, cell)}
+                      for cell in p.cells]}
     write_atomic(Path(c.output_dir) / PLAN_FILE, json.dumps(data, indent=2))
 
 
@@ -117,10 +115,18 @@ def say_failed(at: str, done: Outcome, then: str) -> None:
           f"reproduce: {shlex.join(done.cell.command(done.extra))}\n{then}", flush=True)
 
 
+def cell_meta(c, cell: Cell) -> dict:
+    """What a cell's record stores besides its run's files: the same whoever builds it (the
+    worker that ran it, or another worker's report finding it finished first)."""
+    return {"optimizer": cell.optimizer, "title": cell.title,
+            "glue_task": glue_task_of(c, cell.task), "learning_rate": cell.learning_rate}
+
+
 def finish(p: Plan) -> dict:
     """Write the report from every finished cell of the plan; return its aggregate."""
     c = p.comparison
-    cells = [r for r in (load_cell(cell.dir) for cell in p.cells) if r is not None]
+    cells = [r for r in (load_cell(cell.dir, **cell_meta(c, cell)) for cell in p.cells)
+             if r is not None]
     return write_report(Path(c.output_dir), cells, c.tasks, p.rows, c.selection.split,
                         reference=dataclasses.asdict(c.reference) if c.reference else None)
 
