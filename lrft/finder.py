@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from accelerate.utils import send_to_device
 
-from lrft import snapshot
+from lrft import plots, snapshot
 from lrft.doctor import DIVERGED_LOSS_FACTOR, smooth_loss
 from lrft.optim import train_mode
 
@@ -157,7 +157,7 @@ def lr_range_test(
     result = _result(mults[:len(losses)], losses, base_lr, dict(zip(names, bases)), smooth,
                      stopped, mode)
     if output_dir is not None and (accelerator is None or accelerator.is_main_process):
-        plot_range_test(result, Path(output_dir) / "lr_range_test.png", current_lr=base_lr)
+        plots.plot_range_test(result, Path(output_dir) / "lr_range_test.png", current_lr=base_lr)
         save_range_test_csv(result, Path(output_dir) / "lr_range_test.csv")
     return result
 
@@ -320,57 +320,6 @@ def save_range_test_csv(result: RangeTestResult, path: str | Path) -> Path:
         rows = zip(result.multipliers, result.lrs, result.losses, result.smoothed)
         for step, (m, lr, loss, smoothed) in enumerate(rows, 1):
             writer.writerow([step, m, lr, loss, smoothed] + [base * m for base in groups.values()])
-    return path
-
-
-def _set_ylim(ax, smoothed: np.ndarray) -> None:
-    """Fit the y axis to the smoothed curve up to its minimum, with as much room again above:
-    the descent stays readable and the blow-up runs off the top."""
-    finite = smoothed[np.isfinite(smoothed)]
-    if not finite.size:
-        return
-    low, descent_top = finite.min(), finite[:int(np.argmin(finite)) + 1].max()
-    span = descent_top - low or abs(low) or 1.0
-    ax.set_ylim(low - 0.05 * span, min(finite.max(), descent_top + span) + 0.05 * span)
-
-
-def plot_range_test(result: RangeTestResult, path: str | Path,
-                    current_lr: float | None = None) -> Path:
-    """Plot loss vs LR (log x) with both suggestions and the current LR marked.
-
-    Uses matplotlib's Agg canvas directly (no pyplot): no display needed, no global backend change.
-
-    Args:
-        result: the range test result.
-        path: the PNG to write.
-        current_lr: the recipe's LR, drawn for comparison; None to leave it out.
-
-    Returns:
-        The path written.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.plot(result.lrs, result.losses, color="tab:blue", alpha=0.3, lw=1, label="loss")
-    ax.plot(result.lrs, result.smoothed, color="tab:blue", lw=2, label="smoothed loss")
-    marks = (("steepest", result.suggestion_steepest, "tab:green"),
-             ("min / 10", result.suggestion_min_div10, "tab:orange"),
-             ("current", current_lr, "tab:gray"))
-    for label, lr, color in marks:
-        if lr is not None:
-            ax.axvline(lr, color=color, ls="--", label=f"{label}: {lr:.2g}")
-    _set_ylim(ax, np.asarray(result.smoothed))
-    ax.set_xscale("log")
-    ax.set_xlabel(f"learning rate (base {result.base_lr:.2g} x multiplier; groups keep ratios)")
-    ax.set_ylabel("loss")
-    ax.set_title("LR range test" + (" (stopped on divergence)" if result.stopped_early else ""))
-    ax.legend(fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
     return path
 
 

@@ -226,3 +226,60 @@ def thin(x, y):
                            base + high.reshape(-1, size).argmax(1)])
     keep = np.unique(np.minimum(keep, len(y) - 1))
     return x[keep], y[keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# The LR range test's figure (`lrft find-lr`)
+# ---------------------------------------------------------------------------------------------
+
+def _range_test_ylim(ax, smoothed) -> None:
+    """Fit the y axis to the smoothed curve up to its minimum, with as much room again above:
+    the descent stays readable and the blow-up runs off the top."""
+    import numpy as np
+
+    finite = smoothed[np.isfinite(smoothed)]
+    if not finite.size:
+        return
+    low, descent_top = finite.min(), finite[:int(np.argmin(finite)) + 1].max()
+    span = descent_top - low or abs(low) or 1.0
+    ax.set_ylim(low - 0.05 * span, min(finite.max(), descent_top + span) + 0.05 * span)
+
+
+def plot_range_test(result, path: str | Path, current_lr: float | None = None) -> Path:
+    """Plot loss vs LR (log x) with both suggestions and the current LR marked.
+
+    Uses matplotlib's Agg canvas directly (no pyplot): no display needed, no global backend change.
+
+    Args:
+        result: the range test result.
+        path: the PNG to write.
+        current_lr: the recipe's LR, drawn for comparison; None to leave it out.
+
+    Returns:
+        The path written.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(result.lrs, result.losses, color="tab:blue", alpha=0.3, lw=1, label="loss")
+    ax.plot(result.lrs, result.smoothed, color="tab:blue", lw=2, label="smoothed loss")
+    marks = (("steepest", result.suggestion_steepest, "tab:green"),
+             ("min / 10", result.suggestion_min_div10, "tab:orange"),
+             ("current", current_lr, "tab:gray"))
+    for label, lr, color in marks:
+        if lr is not None:
+            ax.axvline(lr, color=color, ls="--", label=f"{label}: {lr:.2g}")
+    _range_test_ylim(ax, np.asarray(result.smoothed))
+    ax.set_xscale("log")
+    ax.set_xlabel(f"learning rate (base {result.base_lr:.2g} x multiplier; groups keep ratios)")
+    ax.set_ylabel("loss")
+    ax.set_title("LR range test" + (" (stopped on divergence)" if result.stopped_early else ""))
+    ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path

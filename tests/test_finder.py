@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from lrft.finder import RangeTestResult, lr_range_test, plot_range_test, save_range_test_csv
+from lrft.finder import RangeTestResult, lr_range_test, save_range_test_csv
+from lrft.plots import plot_range_test
 
 BODY_LR, HEAD_LR = 1e-3, 1e-2  # two groups, a head at 10x the body
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
