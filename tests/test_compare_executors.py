@@ -30,7 +30,8 @@ from lrft.cli import main
 from lrft.compare import report, run_comparison
 from lrft.compare.claims import claim_path
 from lrft.compare.executors import GroupRunner, cell_resources
-from lrft.compare.spec import load_comparison, slurm_minutes
+from lrft.compare.load import load_comparison
+from lrft.compare.spec import slurm_minutes
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = [f"{opt}/sst2/seed{seed}" for opt in ("adamw", "lion") for seed in (1, 2)]

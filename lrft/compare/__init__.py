@@ -16,13 +16,14 @@
 
 from lrft.compare.cells import Outcome, cell_state, run_cell
 from lrft.compare.grid import Cell, Plan, plan
+from lrft.compare.load import load_comparison
 from lrft.compare.ray_exec import run_on_ray
 from lrft.compare.records import build_cell_record, load_cell, task_score
 from lrft.compare.report import report
 from lrft.compare.results import aggregate, mean_std, select, verdict
 from lrft.compare.run import run_comparison, shard_cells
 from lrft.compare.slurm import submit_slurm
-from lrft.compare.spec import Comparison, load_comparison
+from lrft.compare.spec import Comparison
 from lrft.compare.tables import format_csv, format_markdown, format_terminal
 
 __all__ = ["run_comparison", "submit_slurm", "run_on_ray", "report", "plan", "aggregate",

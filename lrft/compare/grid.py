@@ -26,7 +26,8 @@ from typing import Any
 import yaml
 
 from lrft import glue
-from lrft.compare.spec import Comparison, load_comparison
+from lrft.compare.load import load_comparison
+from lrft.compare.spec import Comparison
 from lrft.config import convert
 from lrft.errors import RecipeError
 from lrft.presets import equivalent_lr

@@ -8,7 +8,7 @@ of each cell is checked separately when the grid is planned (`lrft.compare.grid`
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lrft import glue
 from lrft.config import ConversionError, build_dataclass, convert, show, suggest
@@ -16,8 +16,7 @@ from lrft.launch import check_launcher
 from lrft.optim import OPTIMIZER_NAMES
 from lrft.recipe import OptimConfig, ScheduleConfig
 
-if TYPE_CHECKING:
-    from lrft.compare.spec import ClusterConfig, Comparison
+from lrft.compare.spec import ClusterConfig, Comparison
 
 # Keys each cell sets itself: an override of them would make cells collide or lie about their seed.
 CELL_KEYS = ("data.glue_task", "train.seed", "train.output_dir", "train.overwrite_output_dir",

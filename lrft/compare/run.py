@@ -141,7 +141,7 @@ def run_comparison(path: str | Path, overrides: list[str] | None = None, *,
 
     Args:
         path: the comparison spec.
-        overrides: `key=value` overrides (see `lrft.compare.spec.load_comparison`).
+        overrides: `key=value` overrides (see `lrft.compare.load.load_comparison`).
         run: runs one cell's command with its log file (see `lrft.compare.cells.run_cell`);
             None: a child process per cell.
         shard: "I/N": run only every N-th cell from the I-th (see `shard_cells`).

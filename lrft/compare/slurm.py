@@ -100,7 +100,7 @@ def submit_slurm(path: str | Path, overrides: list[str] | None = None, *,
 
     Args:
         path: the comparison spec.
-        overrides: `key=value` overrides (see `lrft.compare.spec.load_comparison`), including
+        overrides: `key=value` overrides (see `lrft.compare.load.load_comparison`), including
             `cluster.*` keys.
         shard: "I/N": submit only that shard's cells (see `lrft.compare.run.shard_cells`).
         cluster: submitit's cluster: "slurm" (sbatch), or "local" (a process per task here).
