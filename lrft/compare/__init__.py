@@ -1,6 +1,8 @@
 """`lrft compare`: optimizers (x LRs) x tasks x seeds; each optimizer at its best LR, ties named.
 
-    spec.py     the comparison spec: typed YAML, overrides, every rule checked (lrft.config)
+    spec.py     the comparison spec: its typed sections and what each key means
+    rules.py    every check of a spec, reported at once
+    load.py     reading a spec: YAML, `key=value` overrides, typed, validated (lrft.config)
     grid.py     the plan: cells, each optimizer's LR grid, each cell a validated training recipe
     cells.py    one cell as an idempotent unit: claim it, then skip, resume or run it
     claims.py   atomic claims: two workers on one folder never run the same cell
