@@ -21,7 +21,7 @@ the LR scale go back, so the run ends on its planned step.
 Cost and limits under a launcher: every process keeps its own snapshot of what it holds, taken
 synchronously (under DDP a full copy per process, in host RAM; under FSDP2 each process's shards);
 a paged optimizer's state is no longer paged once a rollback restores it. Under DeepSpeed the
-guard is refused (lrft.setup.launcher_problems): the optimizer steps inside backward. Under fp16
+guard is refused (lrft.launch.launcher_problems): the optimizer steps inside backward. Under fp16
 the loss scaler's own overflows are not divergence (`loss_scaling`), and a skipped or rolled-back
 step still closes the scaler's step (lrft.train).
 """

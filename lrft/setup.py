@@ -3,7 +3,6 @@
     make_accelerator(recipe)      the Accelerator, with the precision `train.mixed_precision` asks
     build_run(recipe, accelerator) data -> model (+LoRA) -> param groups -> optimizer, prepared
     build_schedule(recipe, run)   the LR schedule, sized in optimizer steps, and how it steps
-    launcher_problems(recipe, a)  what the launcher (DDP, FSDP2, DeepSpeed) cannot run, refused
 
 How the schedule steps under Accelerate is decided here, in `Schedule`: the scheduler is NOT
 passed to `accelerator.prepare`. A prepared scheduler steps once per process for every optimizer
@@ -17,7 +16,7 @@ not advance the schedule, as in the HF Trainer.
 The launcher (`accelerate launch` with a config file, or its environment) chooses the distributed
 type and can set the accumulation count and DeepSpeed's clipping on its own. The recipe decides
 both here, and what a distributed type cannot run is refused before anything loads
-(`launcher_problems`). Under FSDP2 the transformer blocks are the wrapped units and the
+(`lrft.launch.launcher_problems`). Under FSDP2 the transformer blocks are the wrapped units and the
 optimizer's groups are re-pointed at the sharded parameters by name (`_shard`).
 """
 
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from lrft import launch
 from lrft.errors import RecipeError
 from lrft.evaluation import TaskInfo
 from lrft.recipe import Recipe
@@ -92,98 +92,11 @@ def make_accelerator(recipe: Recipe):
         project_config=ProjectConfiguration(project_dir=t.output_dir,
                                             logging_dir=str(Path(t.output_dir) / "logs")),
     )
-    problems = launcher_problems(recipe, accelerator)
+    problems = launch.launcher_problems(recipe, accelerator)
     if problems:
         raise RecipeError(problems, recipe.source)
-    fill_deepspeed_config(recipe, accelerator)
+    launch.fill_deepspeed_config(recipe, accelerator)
     return accelerator, why
-
-
-# ---------------------------------------------------------------------------------------------
-# The launcher: what its distributed type can run, and what the recipe decides
-# ---------------------------------------------------------------------------------------------
-
-_DDP = "launch with DDP instead (accelerate_configs/multi_gpu_8xa100.yaml)"
-
-
-def launcher_problems(recipe: Recipe, accelerator) -> list[str]:
-    """What the recipe asks that the launcher cannot run, each naming the setting and the way out.
-
-    Args:
-        recipe: the run's recipe.
-        accelerator: the Accelerator as the launcher configured it (reads `distributed_type`,
-            `gradient_accumulation_steps` and, under DeepSpeed, the DeepSpeed config).
-
-    Returns:
-        One message per problem; empty when the launcher can run the recipe.
-    """
-    from lrft.optim import OPTIMIZERS
-
-    t, kind = recipe.train, accelerator.distributed_type
-    ds_config = _deepspeed_config(accelerator)
-    problems = []
-    if accelerator.gradient_accumulation_steps != t.gradient_accumulation_steps:
-        problems.append(
-            f"train.gradient_accumulation_steps: {t.gradient_accumulation_steps} in the recipe, "
-            f"but the launcher accumulates {accelerator.gradient_accumulation_steps} (the "
-            f"environment's ACCELERATE_GRADIENT_ACCUMULATION_STEPS, set by `accelerate launch "
-            f"--gradient_accumulation_steps` or a config file, or the DeepSpeed config); the "
-            f"schedule and the logged loss follow the recipe, so remove the launcher's setting")
-    if ds_config is not None:
-        for key, recipe_key, value in (
-                ("gradient_accumulation_steps", "train.gradient_accumulation_steps",
-                 t.gradient_accumulation_steps),
-                ("gradient_clipping", "train.max_grad_norm", t.max_grad_norm or 0.0)):
-            theirs = ds_config.get(key, "auto")
-            if theirs != "auto" and float(theirs) != float(value):
-                problems.append(f"{recipe_key}: {value} in the recipe, but the DeepSpeed config "
-                                f"sets {key}: {theirs}; set it to \"auto\" there (lrft fills in "
-                                f"the recipe's value)")
-    spec = OPTIMIZERS.get(recipe.optim.name)
-    if kind == "FSDP" and spec is not None and not spec.fsdp2:
-        why = ("orthogonalises whole matrices, which FSDP's row shards are not"
-               if spec.hidden_matrices else
-               "is not verified on FSDP's sharded (DTensor) parameters" if spec.schedule_free else
-               "cannot step FSDP's sharded (DTensor) parameters and would fail at the first step")
-        problems.append(f"optim.name: {spec.name} {why}; use optim.name=adamw (or lion), or "
-                        f"{_DDP}")
-    if kind == "DEEPSPEED" and spec is not None and spec.eight_bit:
-        problems.append(f"optim.name: {spec.name} under DeepSpeed gets flattened partitions, so "
-                        f"the embeddings would lose their 32-bit optimizer state; use "
-                        f"optim.name=adamw, or {_DDP}")
-    elif kind == "DEEPSPEED" and spec is not None and not spec.deepspeed:
-        why = ("Muon needs each matrix's 2-D shape" if spec.hidden_matrices else
-               "its averaged weights would reach DeepSpeed's fp32 masters only, not the model "
-               "DeepSpeed evaluates and saves")
-        problems.append(f"optim.name: {spec.name} under DeepSpeed gets flattened 1-D partitions "
-                        f"({why}); use optim.name=adamw, or {_DDP}")
-    if kind == "DEEPSPEED" and recipe.guard.enabled:
-        problems.append("guard.enabled: the divergence guard cannot act under DeepSpeed (the "
-                        "optimizer steps inside backward, before the guard's verdict, and a "
-                        "rollback's state cannot be loaded into DeepSpeed's partitions); set "
-                        "guard.enabled=false, or launch with DDP or FSDP2 "
-                        "(accelerate_configs/multi_gpu_8xa100.yaml, fsdp_8xa100.yaml)")
-    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
-    if recipe.lora.enabled and recipe.lora.load_in_4bit and (kind == "FSDP" or zero3):
-        problems.append(f"lora.load_in_4bit: QLoRA under {'FSDP' if kind == 'FSDP' else 'ZeRO-3'} "
-                        f"needs its 4-bit base stored for sharding (bnb_4bit_quant_storage), "
-                        f"which lrft does not set up; train QLoRA on one GPU, or {_DDP}")
-    return problems
-
-
-def _deepspeed_config(accelerator) -> dict | None:
-    """The DeepSpeed config dict the launcher gave Accelerate, or None without DeepSpeed."""
-    if accelerator.distributed_type != "DEEPSPEED":
-        return None
-    return accelerator.state.deepspeed_plugin.deepspeed_config
-
-
-def fill_deepspeed_config(recipe: Recipe, accelerator) -> None:
-    """DeepSpeed clips inside its own step by `gradient_clipping`; Accelerate fills an "auto" there
-    with 1.0 whatever the recipe says, so lrft fills in `train.max_grad_norm` first (0: none)."""
-    ds_config = _deepspeed_config(accelerator)
-    if ds_config is not None and ds_config.get("gradient_clipping", "auto") == "auto":
-        ds_config["gradient_clipping"] = recipe.train.max_grad_norm or 0.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ reproduced here as closely as a CPU allows, and each test failed before its fix:
   divergence by a NaN loss, each at a chosen step.
 - FSDP2 and DeepSpeed refusals (4, 5, 13, and the launcher's own settings, 8, 9): what the
   launcher gives the Accelerator (its distributed type, accumulation count, DeepSpeed config,
-  the shipped JSON files) is what `lrft.setup.launcher_problems` reads; DeepSpeed is not
+  the shipped JSON files) is what `lrft.launch.launcher_problems` reads; DeepSpeed is not
   installed here, so its accelerator is a stand-in carrying those values. FSDP2 itself runs for
   real in tests/test_distributed.py.
 - ZeRO-3's partitioned parameters (6) are simulated as DeepSpeed leaves them: an empty 1-D tensor
@@ -171,7 +171,7 @@ def test_optimizers_without_dtensor_support_are_refused_under_fsdp(name, tmp_pat
                                                                    tiny_glue):
     """Finding 4: bitsandbytes' 8-bit kernels and Adafactor fail at FSDP2's first step
     (tests/test_distributed.py runs FSDP2 for real; so did the review, for each of these)."""
-    from lrft.setup import launcher_problems
+    from lrft.launch import launcher_problems
 
     recipe = _recipe(tmp_path, tiny_bert, tiny_glue, f"optim.name={name}")
     [problem] = launcher_problems(recipe, FSDP)
@@ -184,7 +184,7 @@ def test_adamw_and_lion_run_under_fsdp_and_8bit_is_refused_under_deepspeed(tmp_p
                                                                            tiny_glue):
     """Finding 4: under DeepSpeed the 8-bit optimizers get flattened partitions, and the
     embeddings' 32-bit override (keyed by the parameter) silently no longer applies."""
-    from lrft.setup import launcher_problems
+    from lrft.launch import launcher_problems
 
     for name in ("adamw", "lion"):
         assert launcher_problems(_recipe(tmp_path, tiny_bert, tiny_glue, f"optim.name={name}"),
@@ -198,7 +198,7 @@ def test_guard_is_refused_under_deepspeed_only(tmp_path, tiny_bert, tiny_glue):
     """Finding 5: the step happens inside `accelerator.backward`, so a skip skipped nothing and a
     rollback handed DeepSpeed a state dict it cannot load. (FSDP2 rolls back for real in
     tests/test_distributed.py.)"""
-    from lrft.setup import launcher_problems
+    from lrft.launch import launcher_problems
 
     recipe = _recipe(tmp_path, tiny_bert, tiny_glue, "guard.enabled=true")
     for launcher in (ZERO2, ZERO3):
@@ -223,7 +223,7 @@ def test_range_test_is_refused_under_deepspeed():
 def test_qlora_is_refused_where_its_4bit_base_would_be_sharded(launcher, refused, tmp_path,
                                                                tiny_bert, tiny_glue):
     """Finding 13: QLoRA under FSDP2 or ZeRO-3 set no `bnb_4bit_quant_storage`."""
-    from lrft.setup import launcher_problems
+    from lrft.launch import launcher_problems
 
     recipe = _recipe(tmp_path, tiny_bert, tiny_glue, "lora.enabled=true",
                      "lora.load_in_4bit=true")
@@ -237,7 +237,7 @@ def test_deepspeed_clips_at_the_recipes_max_grad_norm(max_grad_norm, expected, t
                                                       tiny_bert, tiny_glue):
     """Finding 8: Accelerate fills the JSON's `gradient_clipping: "auto"` with 1.0, whatever
     `train.max_grad_norm` says; lrft fills it first (0: DeepSpeed does not clip)."""
-    from lrft.setup import fill_deepspeed_config, launcher_problems
+    from lrft.launch import fill_deepspeed_config, launcher_problems
 
     recipe = _recipe(tmp_path, tiny_bert, tiny_glue, max_grad_norm=max_grad_norm)
     for json_file in ("deepspeed_zero2.json", "deepspeed_zero3.json"):
@@ -250,7 +250,7 @@ def test_deepspeed_clips_at_the_recipes_max_grad_norm(max_grad_norm, expected, t
 
 def test_deepspeed_numbers_that_contradict_the_recipe_are_refused(tmp_path, tiny_bert, tiny_glue):
     """Findings 8 and 9: a number in the DeepSpeed JSON wins over the recipe silently."""
-    from lrft.setup import launcher_problems
+    from lrft.launch import launcher_problems
 
     recipe = _recipe(tmp_path, tiny_bert, tiny_glue, gradient_accumulation_steps=4)
     launcher = _launcher("DEEPSPEED", accumulation=4, ds_json="deepspeed_zero2.json",

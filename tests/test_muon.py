@@ -275,7 +275,7 @@ def test_recipe_arguments_reach_their_part_and_a_bad_value_is_named(muon_recipe)
 
 
 def test_fsdp_and_deepspeed_are_refused_with_the_alternative(muon_recipe):
-    from lrft.setup import launcher_problems
+    from lrft.launch import launcher_problems
 
     recipe = load_recipe(muon_recipe)
     for kind, says in (("FSDP", "orthogonalises whole matrices"), ("DEEPSPEED", "2-D shape")):

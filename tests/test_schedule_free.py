@@ -228,7 +228,7 @@ def test_a_missing_package_names_the_install(minimal, monkeypatch):
 
 
 def test_fsdp_and_deepspeed_are_refused(minimal):
-    from lrft.setup import launcher_problems
+    from lrft.launch import launcher_problems
 
     recipe = load_recipe(minimal, [SF, "schedule.lr_scheduler_type=constant"])
     for kind in ("FSDP", "DEEPSPEED"):
