@@ -30,7 +30,7 @@ from accelerate.utils import send_to_device
 
 from lrft import plots, snapshot
 from lrft.doctor import DIVERGED_LOSS_FACTOR, smooth_loss
-from lrft.optim import train_mode
+from lrft.schedule_free import train_mode
 
 # The default sweep multiplies each group's base LR by 1e-3..1e3: six decades around the recipe's
 # LR. A recipe at 5e-5 is swept from 5e-8 (nothing moves) to 5e-2 (any transformer diverges), so

@@ -24,7 +24,6 @@ building anything, for the recipe validator.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import weakref
 from dataclasses import dataclass
@@ -49,10 +48,10 @@ def _torch_adamw(groups: list[dict], kwargs: dict, model: nn.Module | None) -> t
     # the GPU by accelerate.prepare afterwards, so only dtype and device type are checked.
     # "meta": under FSDP2 with fsdp_cpu_ram_efficient_loading, ranks other than 0 build the
     # optimizer over meta parameters that sharding replaces; every rank must choose alike.
-    return torch.optim.AdamW(groups, fused=_fused(groups), **kwargs)
+    return torch.optim.AdamW(groups, fused=fused_ok(groups), **kwargs)
 
 
-def _fused(groups: list[dict]) -> bool | None:
+def fused_ok(groups: list[dict]) -> bool | None:
     """True when torch's fused AdamW kernel can take every parameter of the groups, else None."""
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda", "meta")
@@ -145,36 +144,20 @@ def _adafactor(groups: list[dict], kwargs: dict, model: nn.Module | None) -> tor
 
 
 # Muon's own keyword arguments; the rest (betas, eps) are AdamW's, for the groups Muon cannot take.
-_MUON_ARGS = ("momentum", "nesterov", "ns_steps", "adjust_lr_fn")
+MUON_ARGS = ("momentum", "nesterov", "ns_steps", "adjust_lr_fn")
 
 
 def _muon(groups: list[dict], kwargs: dict, model: nn.Module | None) -> torch.optim.Optimizer:
-    from lrft.muon import MuonWithAdamW
+    from lrft import muon  # torch at import: loaded only when a recipe asks for Muon
 
-    if any("hidden_matrix" not in g for g in groups):
-        raise ValueError("optimizer 'muon' needs to know which groups hold hidden 2-D matrices: "
-                         "build them with lrft.groups.param_groups(model, ..., "
-                         "hidden_matrices=True)")
-    groups = [{**g, "algorithm": "muon" if g["hidden_matrix"] else "adamw"} for g in groups]
-    muon = {k: kwargs[k] for k in ("lr", "weight_decay", *_MUON_ARGS) if k in kwargs}
-    # match_rms_adamw scales each matrix's update to AdamW's RMS, so AdamW's LR and weight decay
-    # carry over (Liu et al. 2025; lrft.presets); torch's default ("original") wants ~0.02.
-    muon.setdefault("adjust_lr_fn", "match_rms_adamw")
-    adamw = {k: v for k, v in kwargs.items() if k not in _MUON_ARGS}
-    adamw["fused"] = _fused([g for g in groups if g["algorithm"] == "adamw"])
-    return MuonWithAdamW(groups, muon=muon, adamw=adamw)
+    return muon.build(groups, kwargs, model)
 
 
 def _schedule_free_adamw(groups: list[dict], kwargs: dict,
                          model: nn.Module | None) -> torch.optim.Optimizer:
-    try:
-        from schedulefree import AdamWScheduleFree
-    except ImportError as err:
-        raise ImportError("optimizer 'schedule_free_adamw' needs schedulefree: "
-                          "pip install schedulefree") from err
-    optimizer = AdamWScheduleFree(groups, **kwargs)
-    optimizer.train()  # built ready to step, as every other optimizer here (lrft.optim.train_mode)
-    return optimizer
+    from lrft import schedule_free
+
+    return schedule_free.build(groups, kwargs, model)
 
 
 @dataclass(frozen=True)
@@ -237,7 +220,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
                   lr_rule=None),
     OptimizerSpec("adafactor", _adafactor, ("beta1", "clip_threshold", "decay_rate"),
                   lr_rule=None, fsdp2=False),
-    OptimizerSpec("muon", _muon, ("betas", "eps", *_MUON_ARGS), lr_rule="muon", fsdp2=False,
+    OptimizerSpec("muon", _muon, ("betas", "eps", *MUON_ARGS), lr_rule="muon", fsdp2=False,
                   deepspeed=False, hidden_matrices=True,
                   choices=(("adjust_lr_fn", ("match_rms_adamw", "original")),)),
     OptimizerSpec("schedule_free_adamw", _schedule_free_adamw,
@@ -389,52 +372,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             if torch.is_tensor(value):
                 tensors[id(value)] = value.numel() * value.element_size()
     return sum(tensors.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# Schedule-free optimizers: the weights to train and the weights to evaluate and save
-# ---------------------------------------------------------------------------------------------
-
-def _schedule_free_part(optimizer):
-    """The schedule-free optimizer (the schedulefree package's, whose groups carry
-    `train_mode`), also inside Accelerate's wrapper; None for any other optimizer."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-    groups = getattr(inner, "param_groups", None) or [{}]
-    return inner if "train_mode" in groups[0] and callable(getattr(inner, "eval", None)) else None
-
-
-def train_mode(optimizer) -> None:
-    """Put the weights a schedule-free optimizer trains (its y) in the model; a no-op for every
-    other optimizer. `build_optimizer` returns them so; call it after loading a checkpoint,
-    which `eval_weights` saved with the averaged weights in place."""
-    part = _schedule_free_part(optimizer)
-    if part is not None:
-        part.train()
-
-
-def eval_mode(optimizer) -> None:
-    """Put the weights a schedule-free optimizer evaluates (its average x) in the model, until
-    `train_mode`; a no-op for every other optimizer. `eval_weights` does both around a block."""
-    part = _schedule_free_part(optimizer)
-    if part is not None:
-        part.eval()
-
-
-@contextlib.contextmanager
-def eval_weights(optimizer):
-    """Inside, the model holds the weights to evaluate and save; after, those it trains on.
-
-    Schedule-free AdamW trains at an interpolation y of its average x and its base sequence z,
-    and x is the model to evaluate and keep (Defazio et al. 2024). It swaps x into the
-    parameters in place, and back on exit. Every other optimizer trains and evaluates the same
-    weights: a no-op. Everything saved inside (a checkpoint's model and optimizer state, the
-    final model) is x, with the optimizer marked to be in eval mode.
-    """
-    eval_mode(optimizer)
-    try:
-        yield
-    finally:
-        train_mode(optimizer)
 
 
 # The recipe's own keys for what some constructors call lr, weight_decay, betas and eps: setting

@@ -11,7 +11,7 @@ The same code runs on one CPU (`python -m lrft.train ...`, `lrft train ...`) and
 how the schedule steps under Accelerate), checkpoints in lrft/checkpoint.py, the run log in
 lrft/runlog.py, evaluation in lrft/evaluation.py; this file is the entry point and the loop.
 Evaluations, checkpoints and the final model see a schedule-free optimizer's averaged weights
-(`lrft.optim.eval_weights`); a resumed run switches back to its training weights.
+(`lrft.schedule_free.eval_weights`); a resumed run switches back to its training weights.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from lrft.checkpoint import (RunState, hold_run_folder, load_checkpoint, prepare_output_dir,
                              save_checkpoint)
 from lrft.evaluation import HOLDOUT_SPLIT, evaluate_model
-from lrft.optim import eval_weights, train_mode
+from lrft.schedule_free import eval_weights, train_mode
 from lrft.recipe import Recipe, dump_recipe, load_recipe
 from lrft.runlog import LogWindow, MetricsLog
 from lrft.setup import Run, Schedule, build_run, build_schedule, make_accelerator, say

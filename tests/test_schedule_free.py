@@ -30,7 +30,8 @@ from test_registries import minimal  # noqa: F401 (a fixture: a valid recipe fil
 import lrft.train
 from lrft.errors import RecipeError
 from lrft.groups import param_groups
-from lrft.optim import build_optimizer, eval_weights
+from lrft.optim import build_optimizer
+from lrft.schedule_free import eval_weights
 from lrft.recipe import GuardConfig, load_recipe
 from lrft.schedule import SCHEDULER_NAMES, SCHEDULES
 

@@ -107,7 +107,7 @@ class ScheduleFreeCallback(TrainerCallback):
     """
 
     def _eval(self, control, optimizer, now: bool = False) -> None:
-        from lrft.optim import eval_mode
+        from lrft.schedule_free import eval_mode
 
         if now or control.should_save:
             eval_mode(optimizer)  # until the Trainer's next optimizer.train()
