@@ -378,7 +378,7 @@ def _check_target_modules(model, targets) -> None:
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    from lrft.groups import param_numel
+    from lrft.layers import param_numel
 
     trainable = sum(param_numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, sum(param_numel(p) for p in model.parameters())

@@ -81,24 +81,20 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self._link()
 
 
-def build(groups: list[dict], kwargs: dict, model=None) -> MuonWithAdamW:
+def build(groups: list[dict], muon: dict, adamw: dict) -> MuonWithAdamW:
     """`MuonWithAdamW` over groups tagged `hidden_matrix` (lrft.groups.param_groups(...,
-    hidden_matrices=True)): Muon on those, fused AdamW on the rest.
+    hidden_matrices=True)): Muon with `muon` keyword arguments on those, AdamW with `adamw` on
+    the rest. `lrft.optim` splits a recipe's arguments between the two.
 
     Raises:
         ValueError: the groups carry no `hidden_matrix` tag.
     """
-    from lrft.optim import MUON_ARGS, fused_ok
-
     if any("hidden_matrix" not in g for g in groups):
         raise ValueError("optimizer 'muon' needs to know which groups hold hidden 2-D matrices: "
                          "build them with lrft.groups.param_groups(model, ..., "
                          "hidden_matrices=True)")
     groups = [{**g, "algorithm": "muon" if g["hidden_matrix"] else "adamw"} for g in groups]
-    muon = {k: kwargs[k] for k in ("lr", "weight_decay", *MUON_ARGS) if k in kwargs}
     # match_rms_adamw scales each matrix's update to AdamW's RMS, so AdamW's LR and weight decay
     # carry over (Liu et al. 2025; lrft.presets); torch's default ("original") wants ~0.02.
-    muon.setdefault("adjust_lr_fn", "match_rms_adamw")
-    adamw = {k: v for k, v in kwargs.items() if k not in MUON_ARGS}
-    adamw["fused"] = fused_ok([g for g in groups if g["algorithm"] == "adamw"])
+    muon = {"adjust_lr_fn": "match_rms_adamw", **muon}
     return MuonWithAdamW(groups, muon=muon, adamw=adamw)

@@ -150,7 +150,11 @@ MUON_ARGS = ("momentum", "nesterov", "ns_steps", "adjust_lr_fn")
 def _muon(groups: list[dict], kwargs: dict, model: nn.Module | None) -> torch.optim.Optimizer:
     from lrft import muon  # torch at import: loaded only when a recipe asks for Muon
 
-    return muon.build(groups, kwargs, model)
+    adamw_groups = [g for g in groups if not g.get("hidden_matrix", True)]
+    return muon.build(
+        groups, muon={k: kwargs[k] for k in ("lr", "weight_decay", *MUON_ARGS) if k in kwargs},
+        adamw={**{k: v for k, v in kwargs.items() if k not in MUON_ARGS},
+               "fused": fused_ok(adamw_groups)})
 
 
 def _schedule_free_adamw(groups: list[dict], kwargs: dict,

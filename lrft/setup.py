@@ -272,7 +272,7 @@ def _shard(accelerator, model, optimizer):
     parameter of ranks > 0 onto one when `fsdp_cpu_ram_efficient_loading` left them on the meta
     device (all at pointer 0); lrft's groups name their parameters, so they are re-pointed by name.
     """
-    from lrft.groups import block_classes
+    from lrft.layers import block_classes
 
     plugin = getattr(accelerator.state, "fsdp_plugin", None) \
         if accelerator.distributed_type == "FSDP" else None

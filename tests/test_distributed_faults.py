@@ -327,7 +327,7 @@ def test_fsdp_wraps_the_transformer_blocks(tiny_bert, tiny_llama):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from lrft.groups import block_classes
+    from lrft.layers import block_classes
 
     bert = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     assert "BertEmbeddings" in bert._no_split_modules

@@ -13,7 +13,8 @@ import torch
 import transformers as tf
 from torch import nn
 
-from lrft.groups import format_group_table, layer_depths, num_layers, param_groups
+from lrft.groups import format_group_table, param_groups
+from lrft.layers import layer_depths, num_layers
 
 torch.set_num_threads(1)
 
