@@ -162,7 +162,7 @@ def test_llama_llrd_final_norm_and_head():
 
 
 def test_peft_lora_bert_gets_layer_lrs():
-    peft = pytest.importorskip("peft")
+    import peft  # a hard dependency: a missing one must fail, not skip
     model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(
         r=2, target_modules=["query", "value"], modules_to_save=["classifier"]))
     groups = param_groups(model, LR, WD, layer_decay=DECAY, head_lr_scale=10.0)
@@ -180,7 +180,7 @@ def test_peft_lora_bert_gets_layer_lrs():
 
 
 def _lora_bert(**config):
-    peft = pytest.importorskip("peft")
+    import peft  # a hard dependency: a missing one must fail, not skip
     return peft.get_peft_model(tiny_bert(), peft.LoraConfig(
         task_type="SEQ_CLS", r=2, target_modules=["query", "value", "word_embeddings"], **config))
 
@@ -229,7 +229,7 @@ def test_loraplus_without_llrd_keeps_the_head_and_1d_apart_and_unboosted():
 
 
 def test_loraplus_on_a_llama_and_refused_without_lora():
-    peft = pytest.importorskip("peft")
+    import peft  # a hard dependency: a missing one must fail, not skip
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(
         task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"], use_rslora=True))
     groups = param_groups(model, LR, 0.0, layer_decay=DECAY, loraplus_lr_ratio=4.0)
