@@ -333,6 +333,17 @@ def test_full_comparison_covers_glue_and_shows_the_gpu_launcher():
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--num_processes" in cmd
 
 
+def test_selecting_optimizers_drops_the_learning_rates_of_the_others():
+    # study-cpu.yaml gives adamw_8bit its own LRs; its header's `optimizers=[adamw,lion]` must plan
+    spec = ROOT / "recipes/glue/study-cpu.yaml"
+    p = plan(spec, ["tasks=[rte,imdb]", "optimizers=[adamw,lion]", "lr_grid.points=5"])
+    assert {c.optimizer for c in p.cells} == {"adamw", "lion"}
+    p = plan(spec, ["optimizers=[lion]", "seeds=[1]", "learning_rates.lion=[5.69e-4]"])
+    assert p.rows == ["lion-lr0.000569"] and len(p.cells) == 4
+    assert "learning_rates.adamw: no such optimizer" in _problems(
+        spec, ["optimizers=[lion]", "learning_rates.adamw=[1.0e-4]"])[0]
+
+
 def test_cpu_comparison_uses_the_offline_model_and_local_glue():
     p = plan(ROOT / "recipes/glue/compare-cpu.yaml")
     recipe = load_recipe(p.cells[0].base, p.cells[0].overrides)

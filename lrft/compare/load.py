@@ -78,7 +78,11 @@ def _top_value(head: str, value: Any, raw: dict, problems: list[str]) -> Any:
         if isinstance(value, (str, int)) and not isinstance(value, bool):
             return [value]  # seeds=1, tasks=rte
     if head == "optimizers" and isinstance(value, (list, str)):
-        return _select_optimizers(raw.get("optimizers"), value, problems)
+        kept = _select_optimizers(raw.get("optimizers"), value, problems)
+        lrs = raw.get("learning_rates")
+        if isinstance(lrs, dict) and isinstance(kept, dict):  # the dropped ones' LRs go with them
+            raw["learning_rates"] = {k: v for k, v in lrs.items() if k in kept}
+        return kept
     return value
 
 
