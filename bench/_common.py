@@ -64,6 +64,19 @@ def iqr(xs) -> list[float]:
     return [float(q[0]), float(q[2])]
 
 
+def train_step(model, optimizer, batch: dict, bf16: bool) -> None:
+    """One training step as lrft takes it: forward (bf16 autocast on CPU or not), backward, clip
+    at 1.0, optimizer step, zero_grad. The precision benchmarks time this."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 def table(rows: list[dict], columns: list[str] | None = None) -> str:
     """A plain-text table of dict rows (floats shown with 4 significant digits)."""
     columns = columns or list(rows[0])

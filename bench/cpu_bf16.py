@@ -19,7 +19,7 @@ import platform
 import time
 from pathlib import Path
 
-from _common import MINILM, RESULTS, loadavg, median
+from _common import MINILM, RESULTS, loadavg, median, train_step
 
 SETTINGS = {"fp32+sdpa": ("sdpa", False), "fp32+eager": ("eager", False),
             "bf16+sdpa": ("sdpa", True), "bf16+eager": ("eager", True)}
@@ -65,12 +65,7 @@ def main() -> None:
                  "labels": torch.randint(0, 2, (32,), generator=gen)}
 
         def step(k, batch=batch):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=SETTINGS[k][1]):
-                loss = models[k](**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(models[k].parameters(), 1.0)
-            opts[k].step()
-            opts[k].zero_grad()
+            train_step(models[k], opts[k], batch, bf16=SETTINGS[k][1])
 
         times = {k: [] for k in SETTINGS}
         for k in SETTINGS:

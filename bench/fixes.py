@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import GLUE, REPO, RESULTS, loadavg, median, table, write_result
+from _common import GLUE, REPO, RESULTS, loadavg, median, table, train_step, write_result
 
 
 def count_syncs(recipe, run, steps: int) -> float:
@@ -163,12 +163,7 @@ def precision_step(run, model_path: str, repeats: int, seq_lens: list[int]) -> d
         times = {k: [] for k in settings}
 
         def step(k, batch=batch):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings[k][1]):
-                loss = models[k](**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(models[k].parameters(), 1.0)
-            opts[k].step()
-            opts[k].zero_grad()
+            train_step(models[k], opts[k], batch, bf16=settings[k][1])
 
         for k in settings:
             step(k)
