@@ -329,9 +329,14 @@ def lora_scaling(model) -> dict | None:
     """What peft made of the LoRA settings, read from the model: r, alpha, rsLoRA, DoRA and
     the scale every LoRA layer multiplies its adapter's output by (alpha/r; alpha/sqrt(r)
     under rsLoRA). None for a model without LoRA adapters."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:  # not a peft model: importing peft (and bitsandbytes) would only cost
+        return None
+    from lrft.optim import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
     from peft.tuners.lora import LoraLayer
 
-    config = getattr(model, "peft_config", {}).get("default")
     layer = next((m for m in model.modules() if isinstance(m, LoraLayer)), None)
     if config is None or layer is None:
         return None
