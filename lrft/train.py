@@ -378,8 +378,17 @@ def _log_train(run: Run, schedule: Schedule, state: RunState, log: MetricsLog,
     log.write(record)
     acc.log({"train/loss": loss, "train/grad_norm": gnorm,
              **{f"lr/{k}": v for k, v in record["lr"].items()}}, step=state.step)
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(record['lr'].values()):.2e}")
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{_base_lr(run, record['lr']):.2e}")
     window.reset()
+
+
+def _base_lr(run: Run, lrs: dict[str, float]) -> float:
+    """`optim.learning_rate` as the schedule scales it now, for the progress bar: the groups'
+    own LRs are multiples of it (head_lr_scale, layer_decay); all of them are in metrics.jsonl."""
+    group = run.optimizer.param_groups[0]
+    if group.get("initial_lr"):  # LambdaLR's start: the multiplier is lr / initial_lr
+        return run.recipe.optim.learning_rate * group["lr"] / group["initial_lr"]
+    return max(lrs.values())  # a metric-driven schedule: the largest group's LR
 
 
 def _evaluate(run: Run, schedule: Schedule, state: RunState, log: MetricsLog) -> dict:

@@ -235,6 +235,23 @@ def test_group_lrs_follow_the_schedule_with_layer_decay_and_head_scale(tmp_path,
         assert r["layer.1"] / r["layer.0"] == pytest.approx(1 / decay)
 
 
+def test_progress_bar_shows_the_recipes_lr_not_the_head_multiple():
+    from types import SimpleNamespace
+
+    w = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    opt = torch.optim.SGD([{"params": [w[0]], "lr": 1e-4 * 0.5 ** 3},  # embeddings, decayed
+                           {"params": [w[1]], "lr": 1e-4 * 5}], lr=1e-4)  # head_lr_scale 5
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    run = SimpleNamespace(optimizer=opt, recipe=SimpleNamespace(optim=SimpleNamespace(
+        learning_rate=1e-4)))
+    opt.step()
+    sched.step()  # multiplier 0.5
+    lrs = {"embeddings": opt.param_groups[0]["lr"], "head": opt.param_groups[1]["lr"]}
+    assert lrft.train._base_lr(run, lrs) == pytest.approx(0.5e-4)
+    del opt.param_groups[0]["initial_lr"]  # a metric-driven schedule: the largest group's
+    assert lrft.train._base_lr(run, lrs) == pytest.approx(2.5e-4)
+
+
 def test_gradient_accumulation_sizes_the_schedule_in_optimizer_steps(tmp_path, tiny_bert,
                                                                      tiny_glue):
     # 92 rows / batch 4 = 23 micro-batches per epoch -> ceil(23 / 2) = 12 optimizer steps (the
