@@ -18,7 +18,7 @@ import sys
 EPILOG = """examples:
   lrft check recipes/bert/standard.yaml optim.learning_rate=3e-5
   lrft train recipes/quickstart.yaml
-  lrft train recipes/bert/lora.yaml --num_processes 2 --config_file accelerate_configs/cpu.yaml
+  lrft train recipes/bert/lora.yaml --config_file accelerate_configs/multi_gpu_8xa100.yaml
   lrft find-lr recipes/bert/standard.yaml --apply
   lrft diagnose runs/bert-standard
   lrft compare recipes/glue/compare-cpu.yaml
