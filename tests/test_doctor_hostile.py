@@ -112,4 +112,8 @@ def test_an_integer_too_large_for_a_float_is_skipped(tmp_path, field):
     huge = {"kind": "train", "step": 305, "loss": 0.5, field: "HUGE"}
     lines.insert(31, json.dumps(huge).replace('"HUGE"', "1" + "0" * 400))  # mid-run
     (folder / METRICS_FILE).write_text("\n".join(lines) + "\n")
-    assert diagnose(folder).verdict == "healthy"
+    if field == "step":  # no step to place it at: the reader names the line it skipped
+        with pytest.warns(UserWarning, match=r"metrics\.jsonl:32: not a record, skipped"):
+            assert diagnose(folder).verdict == "healthy"
+    else:
+        assert diagnose(folder).verdict == "healthy"
