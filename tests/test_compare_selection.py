@@ -83,6 +83,15 @@ def test_holdout_rule_without_holdout_scores_falls_back_to_dev_and_says_so():
         aggregate(cells, select_on="holdout"))
 
 
+def test_an_optimizer_that_did_not_run_a_task_is_not_said_to_be_picked_on_dev():
+    # muon ran only SST-2 (a study extended with a second spec): RTE has no note about it
+    cells = grid({("adamw", 1e-4): [0.6, 0.7]}, holdout={("adamw", 1e-4): [0.6, 0.7]})
+    cells += grid({("muon", 1e-3): [0.8, 0.9]}, task="sst2", holdout={("muon", 1e-3): [0.8, 0.9]})
+    sel = aggregate(cells, select_on="holdout")["selection"]["tasks"]
+    assert sel["rte"]["note"] is None and "muon" not in sel["rte"]["chosen"]
+    assert sel["sst2"]["chosen"]["muon"]["selected_on"]["split"] == "holdout"
+
+
 def test_a_partly_finished_lr_is_not_picked_and_exact_ties_go_to_the_smaller_lr():
     # 1e-4 has one lucky seed so far; 3e-5 and 1e-5 have all three, with equal means.
     cells = grid({("adamw", 1e-5): [0.70, 0.72, 0.74], ("adamw", 3e-5): [0.74, 0.72, 0.70],

@@ -184,7 +184,8 @@ def select(rows: list[dict], tasks: list[str], split: str = "dev") -> dict:
             row = _pick(mine, task, key)
             if row is None and key == "holdout":
                 row, key = _pick(mine, task, "score"), "score"
-                fallback.append(label)
+                if row is not None:  # none at all: the optimizer did not run this task
+                    fallback.append(label)
             if row is not None:
                 tried = sorted(r["learning_rate"] for r in mine if r["learning_rate"] is not None)
                 edge = len(tried) > 1 and row["learning_rate"] in (tried[0], tried[-1])
