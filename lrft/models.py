@@ -53,22 +53,26 @@ except ImportError:  # pragma: no cover - safetensors is a dependency of transfo
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' load report while loading: lrft says in one line what matters."""
+def quiet_transformers():
+    """Silence transformers' load report and its loading and saving progress bars (a run's own
+    bar is the one to watch): lrft says in one line what matters."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _from_pretrained(loader, key: str, name: str, **kwargs):
     """Call a transformers `from_pretrained`, turning load failures into a RecipeError."""
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return loader.from_pretrained(name, **kwargs)
     except _LOAD_ERRORS as e:
         looks_local = name.startswith((".", "/", "~"))
@@ -287,7 +291,7 @@ def _head_modules(cfg: ModelConfig) -> list[str]:
     from accelerate import init_empty_weights
     from transformers import AutoModelForSequenceClassification
 
-    with init_empty_weights(), _quiet_transformers():
+    with init_empty_weights(), quiet_transformers():
         skeleton = AutoModelForSequenceClassification.from_config(
             load_config(cfg), trust_remote_code=cfg.trust_remote_code)
     backbone = skeleton.base_model_prefix

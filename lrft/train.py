@@ -31,6 +31,7 @@ import torch
 from lrft.checkpoint import (RunState, hold_run_folder, load_checkpoint, prepare_output_dir,
                              save_checkpoint)
 from lrft.evaluation import HOLDOUT_SPLIT, evaluate_model
+from lrft.models import quiet_transformers
 from lrft.schedule_free import eval_weights, train_mode
 from lrft.recipe import Recipe, dump_recipe, load_recipe
 from lrft.runlog import LogWindow, MetricsLog
@@ -464,8 +465,9 @@ def save_final_model(model, tokenizer, out: Path, recipe: Recipe, state_dict=Non
         del config.quantization_config
         if hasattr(model, "hf_quantizer"):
             model.hf_quantizer = None
-    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    with quiet_transformers():
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out)
 
 
 USAGE = "usage: accelerate launch lrft/train.py RECIPE.yaml [section.key=value ...]"
