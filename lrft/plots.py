@@ -48,22 +48,31 @@ def _nan(values):
     return [math.nan if v is None else v for v in values]
 
 
+def label_styles(panels: dict[str, list[Series]]) -> dict[str, tuple[str, str]]:
+    """Each series label's (colour, dash), by the label's first appearance over all panels, so
+    a line keeps its look from panel to panel."""
+    order = list(dict.fromkeys(s.label for series in panels.values() for s in series))
+    return {label: (f"C{i % 10}", _STYLES[i % len(_STYLES)]) for i, label in enumerate(order)}
+
+
 def line_panels(panels: dict[str, list[Series]], path: Path, *, title: str, xlabel: str,
                 ylabel: str, log_x: bool = False, sci_y: bool = False) -> Path:
     """One panel per key, one line per series (mean), its band shaded, its marks as stars.
 
     Args:
-        panels: panel title -> series, drawn in order (colour and dash by position).
+        panels: panel title -> series, drawn in order; a label keeps one colour and dash in
+            every panel (by its first appearance), also where other panels lack some labels.
         path: the PNG to write.
         title, xlabel, ylabel: what the figure shows.
         log_x: a log-scaled x axis (learning rates).
         sci_y: scientific notation on the y axis (small values such as LRs).
     """
     fig, axes = _figure(len(panels) or 1)
+    styles = label_styles(panels)
     for ax, (name, series) in zip(axes, panels.items()):
-        for i, s in enumerate(series):
-            color = f"C{i % 10}"
-            ax.plot(s.x, _nan(s.y), color=color, lw=1.6, ls=_STYLES[i % len(_STYLES)],
+        for s in series:
+            color, dash = styles[s.label]
+            ax.plot(s.x, _nan(s.y), color=color, lw=1.6, ls=dash,
                     marker="o" if log_x else None, ms=3, label=s.label)
             if s.lo is not None and s.hi is not None:
                 ax.fill_between(s.x, _nan(s.lo), _nan(s.hi), color=color, alpha=0.18, lw=0)

@@ -198,6 +198,18 @@ def test_sensitivity_figure_has_a_panel_per_task_a_line_per_optimizer_and_is_wri
     assert "## LR sensitivity" in (tmp_path / "results.md").read_text()
 
 
+def test_an_optimizer_keeps_its_colour_in_panels_that_lack_others():
+    from lrft.plots import Series, label_styles
+
+    def line(label):
+        return Series(label=label, x=[1e-4], y=[0.8])
+
+    styles = label_styles({"SST-2": [line("adamw"), line("muon"), line("sgd")],
+                           "IMDB": [line("adamw"), line("sgd")]})  # muon did not run IMDB
+    assert styles["sgd"] == ("C2", styles["sgd"][1]) and styles["muon"][0] == "C1"
+    assert len(set(styles.values())) == 3
+
+
 def test_no_lr_axis_draws_no_sensitivity_figure(tmp_path):
     cells = grid({("adamw", 1e-4): [0.8, 0.82], ("lion", 1e-5): [0.7, 0.72]})
     write_report(tmp_path, cells)
