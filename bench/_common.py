@@ -34,11 +34,33 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def machine() -> dict:
-    """What the figures were measured on."""
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def cpu_info() -> dict:
+    """The CPU: its model, its bf16 units (AMX tiles, AVX512-BF16), torch's kernel level, and
+    whether lrft's `mixed_precision: auto` picks bf16 on it."""
     import torch
 
-    info = {"cpus": os.cpu_count(), "platform": platform.platform(),
+    from lrft.precision import native_bf16
+
+    return {"model": cpu_model(), "amx_tile": torch.cpu._is_amx_tile_supported(),
+            "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "lrft_native_bf16": native_bf16(torch.device("cpu"))}
+
+
+def machine() -> dict:
+    """What the figures were measured on: the CPU (model, bf16 units), versions, the load."""
+    import torch
+
+    info = {"cpu": cpu_info(), "cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.cuda.is_available(), "loadavg_start": _LOAD_AT_START}
     try:

@@ -15,21 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from pathlib import Path
 
-from _common import MINILM, RESULTS, loadavg, median, train_step
+from _common import MINILM, RESULTS, cpu_info, loadavg, median, train_step
 
 SETTINGS = {"fp32+sdpa": ("sdpa", False), "fp32+eager": ("eager", False),
             "bf16+sdpa": ("sdpa", True), "bf16+eager": ("eager", True)}
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -42,7 +33,6 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification
 
     from lrft.config import resolve_path
-    from lrft.precision import native_bf16
 
     torch.set_num_threads(a.threads)
     path = resolve_path(MINILM)
@@ -54,10 +44,7 @@ def main() -> None:
         m.load_state_dict(first.state_dict())
     opts = {k: torch.optim.AdamW(m.parameters(), lr=5e-5, fused=True) for k, m in models.items()}
     gen = torch.Generator().manual_seed(0)
-    cpu = {"model": cpu_model(), "amx_tile": torch.cpu._is_amx_tile_supported(),
-           "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
-           "capability": torch.backends.cpu.get_cpu_capability(),
-           "lrft_native_bf16": native_bf16(torch.device("cpu"))}
+    cpu = cpu_info()
     row = {"cpu": cpu, "torch": torch.__version__, "threads": a.threads, "loadavg_start": loadavg()}
     for seq_len in a.seq_lens:
         batch = {"input_ids": torch.randint(1000, 20000, (32, seq_len), generator=gen),
