@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lrft.config import suggest
-from lrft.recipe import LoraConfig, ModelConfig, RecipeError, resolve_path
+from lrft.recipe import LoraConfig, ModelConfig, Recipe, RecipeError, resolve_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "auto": "auto"}
@@ -391,3 +391,20 @@ def count_parameters(model) -> tuple[int, int]:
 
     trainable = sum(param_numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, sum(param_numel(p) for p in model.parameters())
+
+
+def save_final_model(model, tokenizer, out: Path, recipe: Recipe, state_dict=None) -> None:
+    """Save the model (or LoRA adapter with its trained head) and tokenizer as safetensors.
+
+    `state_dict` is the full one from `accelerator.get_state_dict` (under FSDP or ZeRO-3 the
+    unwrapped model holds only this process's shards); None saves the model's own.
+    """
+    config = getattr(model, "config", None)
+    if recipe.model.gguf_file and config is not None and hasattr(config, "quantization_config"):
+        # GGUF weights are dequantised on load; the saved model is a plain float checkpoint.
+        del config.quantization_config
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+    with quiet_transformers():
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out)

@@ -116,6 +116,53 @@ class LogWindow:
 
 
 # ---------------------------------------------------------------------------------------------
+# Records the training loop writes
+# ---------------------------------------------------------------------------------------------
+
+def start_record(run, schedule) -> dict:
+    """The `start` record of a run (`run`: lrft.setup.Run, `schedule`: lrft.setup.Schedule)."""
+    acc, t = run.accelerator, run.recipe.train
+    return {"kind": "start", "time": time.time(), "num_training_steps": schedule.total,
+            "steps_per_epoch": schedule.per_epoch, "warmup_steps": schedule.warmup_steps,
+            "groups": group_lrs(run.optimizer, "initial_lr"), "learning_rate": run.lr,
+            "optimizer": run.recipe.optim.name,
+            "lr_scheduler_type": run.recipe.schedule.lr_scheduler_type,
+            "effective_batch_size": acc.num_processes * t.per_device_train_batch_size
+            * t.gradient_accumulation_steps,
+            "num_processes": acc.num_processes, "trainable_params": run.trainable_params,
+            "mixed_precision": acc.mixed_precision, "lr_note": run.lr_note,
+            **_optional_start_keys(run)}
+
+
+def _optional_start_keys(run) -> dict:
+    """Start-record keys only some runs have: the LoRA scaling (and LoRA+ ratio) peft applied,
+    and the algorithm of each group when one optimizer runs two (Muon with AdamW)."""
+    keys = {}
+    if run.lora:
+        keys["lora"] = {k: v for k, v in run.lora.items() if k != "line"}
+    algorithms = {g.get("name", str(i)): g["algorithm"]
+                  for i, g in enumerate(run.optimizer.param_groups) if "algorithm" in g}
+    if algorithms:
+        keys["algorithms"] = algorithms
+    return keys
+
+
+def group_lrs(optimizer, key: str = "lr") -> dict[str, float]:
+    """The LR of every parameter group by group name: current (`lr`) or base (`initial_lr`)."""
+    return {g.get("name", str(i)): g.get(key, g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+
+
+def resume_record(run, schedule, step: int, checkpoint: str, changes: dict[str, list]) -> dict:
+    """The `resume` record: the recipe changes a resumed run applied (the resume flags left
+    out), with the run's length and base LRs after them."""
+    return {"kind": "resume", "step": step, "checkpoint": checkpoint,
+            "changes": {k: v for k, v in changes.items()
+                        if k not in ("train.resume_from_checkpoint", "train.overwrite_output_dir")},
+            "num_training_steps": schedule.total, "learning_rate": run.lr,
+            "groups": group_lrs(run.optimizer, "initial_lr"), "time": time.time()}
+
+
+# ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
 

@@ -31,10 +31,10 @@ import torch
 from lrft.checkpoint import (RunState, hold_run_folder, load_checkpoint, prepare_output_dir,
                              save_checkpoint)
 from lrft.evaluation import HOLDOUT_SPLIT, evaluate_model
-from lrft.models import quiet_transformers
+from lrft.models import save_final_model
 from lrft.schedule_free import eval_weights, train_mode
 from lrft.recipe import Recipe, dump_recipe, load_recipe
-from lrft.runlog import LogWindow, MetricsLog
+from lrft.runlog import LogWindow, MetricsLog, group_lrs, resume_record, start_record
 from lrft.setup import Run, Schedule, build_run, build_schedule, make_accelerator, say
 
 __all__ = ["train", "train_loop", "main", "save_final_model", "group_lrs"]
@@ -109,7 +109,7 @@ def _train(recipe: Recipe, accelerator, precision_why: str) -> dict:
         accelerator.init_trackers(recipe.log.project, config=_flat(recipe.to_dict()),
                                   init_kwargs=_tracker_kwargs(recipe))
     if state.step == 0:
-        log.write(_start_record(run, schedule))
+        log.write(start_record(run, schedule))
     if accelerator.is_main_process:
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
 
@@ -178,44 +178,7 @@ def _apply_changes(run: Run, schedule: Schedule, state: RunState, changes: dict,
     for line in shown:
         say(run.accelerator, line)
     if shown:
-        log.write({"kind": "resume", "step": state.step, "checkpoint": checkpoint.name,
-                   "changes": {k: v for k, v in changes.items()
-                               if k not in ("train.resume_from_checkpoint",
-                                            "train.overwrite_output_dir")},
-                   "num_training_steps": schedule.total, "learning_rate": run.lr,
-                   "groups": group_lrs(run.optimizer, "initial_lr"), "time": time.time()})
-
-
-def _start_record(run: Run, schedule: Schedule) -> dict:
-    acc, t = run.accelerator, run.recipe.train
-    return {"kind": "start", "time": time.time(), "num_training_steps": schedule.total,
-            "steps_per_epoch": schedule.per_epoch, "warmup_steps": schedule.warmup_steps,
-            "groups": group_lrs(run.optimizer, "initial_lr"), "learning_rate": run.lr,
-            "optimizer": run.recipe.optim.name,
-            "lr_scheduler_type": run.recipe.schedule.lr_scheduler_type,
-            "effective_batch_size": acc.num_processes * t.per_device_train_batch_size
-            * t.gradient_accumulation_steps,
-            "num_processes": acc.num_processes, "trainable_params": run.trainable_params,
-            "mixed_precision": acc.mixed_precision, "lr_note": run.lr_note,
-            **_optional_start_keys(run)}
-
-
-def _optional_start_keys(run: Run) -> dict:
-    """Start-record keys only some runs have: the LoRA scaling (and LoRA+ ratio) peft applied,
-    and the algorithm of each group when one optimizer runs two (Muon with AdamW)."""
-    keys = {}
-    if run.lora:
-        keys["lora"] = {k: v for k, v in run.lora.items() if k != "line"}
-    algorithms = {g.get("name", str(i)): g["algorithm"]
-                  for i, g in enumerate(run.optimizer.param_groups) if "algorithm" in g}
-    if algorithms:
-        keys["algorithms"] = algorithms
-    return keys
-
-
-def group_lrs(optimizer, key: str = "lr") -> dict[str, float]:
-    """The LR of every parameter group by group name: current (`lr`) or base (`initial_lr`)."""
-    return {g.get("name", str(i)): g.get(key, g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+        log.write(resume_record(run, schedule, state.step, checkpoint.name, changes))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -452,23 +415,6 @@ def peak_memory_bytes(device) -> int:
 # ---------------------------------------------------------------------------------------------
 # Save and entry point
 # ---------------------------------------------------------------------------------------------
-
-def save_final_model(model, tokenizer, out: Path, recipe: Recipe, state_dict=None) -> None:
-    """Save the model (or LoRA adapter with its trained head) and tokenizer as safetensors.
-
-    `state_dict` is the full one from `accelerator.get_state_dict` (under FSDP or ZeRO-3 the
-    unwrapped model holds only this process's shards); None saves the model's own.
-    """
-    config = getattr(model, "config", None)
-    if recipe.model.gguf_file and config is not None and hasattr(config, "quantization_config"):
-        # GGUF weights are dequantised on load; the saved model is a plain float checkpoint.
-        del config.quantization_config
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-    with quiet_transformers():
-        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-
 
 USAGE = "usage: accelerate launch lrft/train.py RECIPE.yaml [section.key=value ...]"
 

@@ -42,7 +42,7 @@ from transformers.utils import logging
 
 from lrft import snapshot
 from lrft.recipe import GuardConfig, Recipe, validate
-from lrft.train import group_lrs
+from lrft.runlog import group_lrs
 
 logger = logging.get_logger("lrft.hf")
 
