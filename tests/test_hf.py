@@ -243,3 +243,13 @@ def test_muon_from_keyword_arguments_is_one_optimizer_over_tagged_groups(tmp_pat
     assert algorithms["layer.0"] == algorithms["layer.1"] == "muon"
     assert algorithms["embeddings"] == algorithms["head"] == algorithms["layer.0_no_decay"] \
         == "adamw"
+
+
+def test_importing_lrft_hf_says_nothing_about_bitsandbytes_kernels():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import lrft.hf"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "gemm_4bit" not in done.stderr and "bitsandbytes" not in done.stderr

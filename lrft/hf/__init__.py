@@ -46,6 +46,10 @@ if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(f"lrft.hf needs transformers >= 5 (found {transformers.__version__}): "
                       f"pip install -U transformers")
 
+from lrft.optim import quiet_bitsandbytes  # noqa: E402
+
+quiet_bitsandbytes()  # transformers' Trainer imports peft, which imports bitsandbytes
+
 from lrft.hf.callbacks import GroupLRCallback, GuardCallback, ScheduleFreeCallback  # noqa: E402
 from lrft.hf.pair import attach, optimizers, trainer_steps  # noqa: E402
 from lrft.hf.range_test import find_lr  # noqa: E402
