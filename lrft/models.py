@@ -342,7 +342,7 @@ def lora_scaling(model) -> dict | None:
     from peft.tuners.lora import LoraLayer
 
     layer = next((m for m in model.modules() if isinstance(m, LoraLayer)), None)
-    if config is None or layer is None:
+    if layer is None:
         return None
     return {"r": config.r, "alpha": config.lora_alpha, "use_rslora": bool(config.use_rslora),
             "use_dora": bool(config.use_dora), "scaling": float(layer.scaling["default"]),
