@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "`accelerate launch` (e.g. accelerate_configs/cpu.yaml)")
     p.add_argument("--num_processes", type=int, help="processes for `accelerate launch`")
 
-    p = sub.add_parser("check", help="validate a recipe and print it resolved")
+    p = sub.add_parser("check", help="validate a recipe and print it resolved (a comparison "
+                                     "spec: validate it and every cell, list its grid)")
     _add_recipe_args(p)
 
     p = sub.add_parser("compare", help="compare optimizers x tasks x seeds x LRs (GLUE or custom "
@@ -158,11 +160,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from lrft.compare.load import is_comparison
     from lrft.recipe import dump_recipe, load_recipe
 
+    if is_comparison(args.recipe):
+        return _check_comparison(args.recipe, args.overrides)
     recipe = load_recipe(args.recipe, args.overrides)
     print(f"# {args.recipe}: valid")
     print(dump_recipe(recipe), end="")
+    return 0
+
+
+def _check_comparison(path: str, overrides: list[str]) -> int:
+    """`lrft check` of a comparison spec: validate it and every cell's recipe, list the grid."""
+    from lrft.compare import plan
+
+    p = plan(path, overrides)
+    c = p.comparison
+    print(f"# {path}: valid comparison: {len(p.cells)} cells ({len(p.rows)} optimizer-LR rows x "
+          f"{len(c.tasks)} tasks x {len(c.seeds)} seeds) into {c.output_dir}")
+    print(f"tasks: {', '.join(c.tasks)}; seeds: {', '.join(map(str, c.seeds))}; "
+          f"LRs picked on {c.selection.split}")
+    for row in p.rows:
+        print(f"  {row}")
+    print("run: " + shlex.join(["lrft", "compare", path, *overrides]))
     return 0
 
 

@@ -108,6 +108,24 @@ def test_check_good_recipe_prints_yaml_that_reads_back():
     assert data["model"]["name_or_path"] == "bert-base-uncased"
 
 
+def test_check_validates_a_comparison_spec_and_lists_its_grid(tmp_path: Path):
+    spec = tmp_path / "cmp.yaml"
+    spec.write_text(f"base: {ROOT / 'recipes/bert/standard.yaml'}\noutput_dir: {tmp_path / 'out'}\n"
+                    "tasks: [rte, sst2]\nseeds: [1, 2]\n"
+                    "optimizers: {adamw: {name: adamw}, lion: {name: lion}}\n"
+                    "learning_rates: {adamw: [1.0e-5, 3.0e-5], lion: [3.0e-6]}\n")
+    out = run("-m", "lrft.cli", "check", str(spec), "seeds=[1]")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(f"# {spec}: valid comparison: 6 cells (3 optimizer-LR rows x 2 "
+                               f"tasks x 1 seeds)")
+    assert [x.strip() for x in lines[2:5]] == ["adamw-lr1e-05", "adamw-lr3e-05", "lion-lr3e-06"]
+    assert lines[-1] == f"run: lrft compare {spec} 'seeds=[1]'"
+    bad = run("-m", "lrft.cli", "check", str(spec), "learning_rates.sgd=[0.01]")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("lrft check: ") and "learning_rates.sgd" in bad.stderr
+
+
 def test_lr_guide_prints_the_table():
     out = run("-m", "lrft.cli", "lr-guide")
     assert out.returncode == 0, out.stderr

@@ -192,3 +192,11 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None
     if problems:
         raise RecipeError(problems, str(path))
     return comparison, cell_overrides
+
+
+def is_comparison(path: str | Path) -> bool:
+    """Whether `path` reads as a comparison spec: `tasks:`, `optimizers:` or `seeds:` at its top
+    and none of a training recipe's sections (so `lrft check` can validate either kind)."""
+    raw = read_yaml(Path(path), [])
+    return (isinstance(raw, dict) and bool({"tasks", "optimizers", "seeds"} & raw.keys())
+            and not set(SECTIONS) & raw.keys())
