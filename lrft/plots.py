@@ -86,7 +86,7 @@ def line_panels(panels: dict[str, list[Series]], path: Path, *, title: str, xlab
         ax.grid(alpha=0.3)
         if series:
             ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, wrap=True)  # a one-panel figure is narrower than the title
     fig.savefig(path)
     return Path(path)
 
