@@ -355,7 +355,7 @@ def test_ctrl_c_on_a_ray_driver_cancels_cleanly_and_a_rerun_resumes(ray_cluster,
                                                                     tiny_bert, tiny_glue, capsys):
     from lrft.compare.ray_exec import run_on_ray
 
-    # 600 steps: on a loaded machine the cancel can take long enough for 200 to finish
+    # 600 steps: room for the cancel to land while both cells still train
     path = _spec(tmp_path, tiny_bert, tiny_glue, max_steps=600, save_steps=10,
                  optimizers={"adamw": {"learning_rate": 3e-3}})
     out = tmp_path / "cmp"
